@@ -14,8 +14,16 @@ from __future__ import annotations
 import enum
 import threading
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
-__all__ = ["MemoryAccounting", "MemoryKind", "MemoryStats"]
+__all__ = [
+    "RELEASING",
+    "MemoryAccounting",
+    "MemoryKind",
+    "MemoryStats",
+    "UsageInfo",
+    "usage_mergeable",
+]
 
 
 class MemoryKind(enum.IntEnum):
@@ -155,3 +163,29 @@ class MemoryAccounting:
 
     def __repr__(self) -> str:
         return f"MemoryAccounting({self.snapshot()})"
+
+
+class UsageInfo(NamedTuple):
+    """The value of a segment of a memory file's usage set: the pages' kind,
+    whether they are known to be committed, and their reference count (0 only
+    while they are being released)."""
+
+    kind: MemoryKind
+    known_committed: bool
+    refs: int
+
+    def __repr__(self) -> str:
+        state = "committed" if self.known_committed else "uncommitted"
+        if self.refs == 0:
+            return f"releasing {state}"
+        return f"{self.kind.name} {state} refs={self.refs}"
+
+
+RELEASING = UsageInfo(MemoryKind.SYSTEM, False, 0)
+
+
+def usage_mergeable(left: UsageInfo, right: UsageInfo) -> bool:
+    """The usage set's merge policy: equal values merge, except releasing
+    ones (each belongs to one release batch, which removes exactly what it
+    inserted)."""
+    return left == right and left.refs != 0

@@ -1,0 +1,32 @@
+"""aiopgalloc: a page allocator for async Python services.
+
+One memfd, page-aligned reference-counted ranges of it, freed memory given
+back to the kernel, async eviction callbacks under memory pressure, and
+honest per-kind accounting; on asyncio, asyncio + uvloop and trio alike.
+"""
+
+from .errors import ClosedError, RefCountError
+from .eviction import EvictableMemoryUser
+from .lifecycle import open_memory_file
+from .memory_file import MemoryFile
+from .options import AccessType, DelayedEviction, MemoryFileOpts
+from .ranges import HUGE_PAGE_SIZE, PAGE_SIZE, EvictableRange, FileRange
+from .usage import MemoryAccounting, MemoryKind, MemoryStats
+
+__all__ = [
+    "HUGE_PAGE_SIZE",
+    "PAGE_SIZE",
+    "AccessType",
+    "ClosedError",
+    "DelayedEviction",
+    "EvictableMemoryUser",
+    "EvictableRange",
+    "FileRange",
+    "MemoryAccounting",
+    "MemoryFile",
+    "MemoryFileOpts",
+    "MemoryKind",
+    "MemoryStats",
+    "RefCountError",
+    "open_memory_file",
+]

@@ -1,0 +1,187 @@
+"""Opening and closing a memory file: the ``async with`` block and its tasks.
+
+``open_memory_file`` owns an anyio task group in which the releaser, the
+eviction dispatcher and (with host pressure) the pressure watcher run.
+Leaving the block cancels them, closes the file and unmaps it: nothing keeps
+running afterwards.
+
+Exceptions come out as themselves.  anyio (on trio in particular) wraps an
+exception that leaves a task group's body in an ``ExceptionGroup``; the
+background tasks here never raise, so when the group holds nothing but the
+body's own exception, the group is dropped and the exception propagates
+unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from types import TracebackType
+from typing import Protocol
+
+import anyio
+import anyio.abc
+
+from .eviction import Evictions
+from .host import memfd
+from .memory_file import MemoryFile
+from .options import MemoryFileOpts
+from .ranges import PAGE_SIZE
+from .reclaim import run_releaser
+
+__all__ = ["open_memory_file"]
+
+log = logging.getLogger("aiopgalloc")
+
+
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+def _only_exception(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
+    """Whether every leaf of the group is ``exc`` itself."""
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            if not _only_exception(e, exc):
+                return False
+        elif e is not exc:
+            return False
+    return True
+
+
+def _prepare_fd(file: int | _HasFileno | None, opts: MemoryFileOpts) -> tuple[int, bool]:
+    """Get the fd to own and truncate it to one chunk.  Returns (fd, sealed).
+
+    On failure nothing is owned: an fd this function created is closed, a
+    caller's fd is left open."""
+    created = file is None
+    if file is None:
+        fd = memfd.create_memfd()
+    elif isinstance(file, int) and not isinstance(file, bool):
+        fd = file
+    elif not isinstance(file, bool) and callable(getattr(file, "fileno", None)):
+        fd = file.fileno()
+    else:
+        raise TypeError("file must be None, an fd, or an object with fileno()")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"fd {fd} is not a regular file or memfd")
+        # Start from an empty file, as the reference does.
+        memfd.truncate(fd, 0)
+        memfd.truncate(fd, opts.chunk_size)
+        sealed = memfd.seal_shrink(fd) if created else False
+    except BaseException:
+        if created:
+            os.close(fd)
+        raise
+    return fd, sealed
+
+
+class _MemoryFileContext:
+    """The async context manager returned by ``open_memory_file``."""
+
+    def __init__(self, file: int | _HasFileno | None, opts: MemoryFileOpts | None) -> None:
+        if opts is not None and not isinstance(opts, MemoryFileOpts):
+            raise TypeError("opts must be a MemoryFileOpts")
+        self._file = file
+        self._opts = (opts or MemoryFileOpts()).resolved()
+        self._mf: MemoryFile | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> MemoryFile:
+        opts = self._opts
+        fd, sealed = _prepare_fd(self._file, opts)
+        try:
+            err = memfd.ima_workaround(fd, PAGE_SIZE)
+            if err is not None:
+                log.warning("could not pre-map the file PROT_EXEC (IMA work-around): %s", err)
+            mf = MemoryFile(fd, opts, sealed=sealed)
+        except BaseException:
+            if self._file is None:
+                os.close(fd)
+            raise
+        evictions = Evictions(opts, mf._wake_releaser)
+        mf._evictions = evictions
+        mf._progress_event = anyio.Event()
+
+        def progress() -> None:
+            ev, mf._progress_event = mf._progress_event, anyio.Event()
+            ev.set()
+
+        mf._on_progress = progress
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        try:
+            await tg.start(run_releaser, mf)
+            await tg.start(evictions.run)
+        except BaseException as exc:
+            tg.cancel_scope.cancel()
+            try:
+                await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            finally:
+                self._close(mf, evictions)
+            raise
+        self._mf, self._tg = mf, tg
+        # The caller's file object is ours now.
+        if self._file is not None and not isinstance(self._file, int):
+            self._detach_caller_object()
+        return mf
+
+    def _detach_caller_object(self) -> None:
+        # Ownership of the fd passed to us: make the object forget it, so its
+        # close() cannot close our fd under the mappings.
+        obj = self._file
+        detach = getattr(obj, "detach", None)
+        if callable(detach):
+            try:
+                detach()
+                return
+            except Exception:
+                pass
+
+    @staticmethod
+    def _close(mf: MemoryFile, evictions: Evictions) -> None:
+        mf._close()
+        evictions.close()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        mf, tg = self._mf, self._tg
+        assert mf is not None and tg is not None
+        self._mf = self._tg = None
+        tg.cancel_scope.cancel()
+        try:
+            await tg.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            if exc is None or not _only_exception(group, exc):
+                raise
+        finally:
+            assert mf._evictions is not None
+            self._close(mf, mf._evictions)
+        return False
+
+
+def open_memory_file(
+    file: int | _HasFileno | None = None, opts: MemoryFileOpts | None = None
+) -> _MemoryFileContext:
+    """Open a memory file: ``async with open_memory_file() as mf: ...``.
+
+    ``file`` is None (a new memfd, close-on-exec and sealed against
+    shrinking), an fd, or an object with ``fileno()``; once the block is
+    entered the file belongs to the memory file, which truncates it to zero
+    first and closes it at the end.  ``opts`` defaults to ``MemoryFileOpts()``.
+
+    Leaving the block stops the background tasks, closes the file and unmaps
+    it; memoryviews still alive stay valid until dropped (a warning is
+    logged).  An exception raised in the block comes out as itself.
+
+    Raises ``TypeError`` for a bad ``file`` or ``opts``, ``ValueError`` if the
+    file is not a regular file, ``OSError`` if it cannot be set up.
+    """
+    return _MemoryFileContext(file, opts)

@@ -1,0 +1,110 @@
+"""Options of a memory file, and the access types of ``map_internal``."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from .ranges import HUGE_PAGE_SIZE, PAGE_SIZE
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "AccessType", "DelayedEviction", "MemoryFileOpts"]
+
+DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
+"""Bytes per mapping chunk, and the step by which the file grows.
+
+64 MiB keeps the number of mappings (VMAs, and one duplicated fd each, which
+Python's mmap keeps) small for files up to terabytes, while a small file
+stays a small sparse file."""
+
+
+class DelayedEviction(enum.Enum):
+    """How long evictable memory may stay cached (the reference's meanings).
+
+    - ``DEFAULT``: becomes ``ENABLED``.
+    - ``DISABLED``: evict as soon as a range is marked evictable.
+    - ``ENABLED``: with ``use_host_memcg_pressure``, evict under host memory
+      pressure; without it, when the releaser runs out of work.
+    - ``MANUAL``: only when ``start_evictions()`` is called (tests).
+    """
+
+    DEFAULT = 0
+    DISABLED = 1
+    ENABLED = 2
+    MANUAL = 3
+
+
+class AccessType(enum.Flag):
+    """The access a caller wants through ``map_internal``."""
+
+    READ = 1
+    WRITE = 2
+    EXECUTE = 4
+    READ_WRITE = READ | WRITE
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryFileOpts:
+    """Options for ``open_memory_file`` (frozen; every field keyword-only).
+
+    - ``delayed_eviction``: see ``DelayedEviction``.
+    - ``use_host_memcg_pressure``: drive evictions from the host's memory
+      pressure notifications (only with ``ENABLED``; ignored, as in the
+      reference, with ``DISABLED`` and ``MANUAL``).
+    - ``chunk_size``: bytes per mapping and growth step; a power of two, a
+      multiple of ``HUGE_PAGE_SIZE``.
+    - ``recycle_max_bytes``: allocations up to this size may reuse freed pages
+      that the releaser has not returned yet (zeroing them by hand); larger
+      ones prefer clean pages while the file has room.  See
+      ``MemoryFile.allocate``.
+    - ``release_inline_max_bytes`` / ``release_inline_max_ranges``: a release
+      batch at most this big is punched on the event loop; bigger ones go to
+      a worker thread (a thread hop costs far more than a few small punches).
+    - ``pressure_source``: any pressure source object (used instead of the
+      host's when given; see ``aiopgalloc.host.pressure``).
+    """
+
+    delayed_eviction: DelayedEviction = DelayedEviction.DEFAULT
+    use_host_memcg_pressure: bool = False
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    recycle_max_bytes: int = 2 * 1024 * 1024
+    release_inline_max_bytes: int = 256 * 1024
+    release_inline_max_ranges: int = 16
+    pressure_source: Any = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.delayed_eviction, DelayedEviction):
+            raise TypeError("delayed_eviction must be a DelayedEviction")
+        cs = self.chunk_size
+        if type(cs) is not int:
+            raise TypeError("chunk_size must be an int")
+        if cs < HUGE_PAGE_SIZE or cs & (cs - 1) or cs % PAGE_SIZE:
+            raise ValueError(
+                f"chunk_size must be a power of two and at least {HUGE_PAGE_SIZE}, got {cs}"
+            )
+        for name in ("recycle_max_bytes", "release_inline_max_bytes", "release_inline_max_ranges"):
+            v = getattr(self, name)
+            if type(v) is not int:
+                raise TypeError(f"{name} must be an int")
+            if v < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+    def resolved(self) -> MemoryFileOpts:
+        """The options as the file applies them (the reference's rules):
+        ``DEFAULT`` becomes ``ENABLED``; ``DISABLED`` and ``MANUAL`` turn
+        host pressure off."""
+        de = self.delayed_eviction
+        use_pressure = self.use_host_memcg_pressure
+        if de is DelayedEviction.DEFAULT:
+            de = DelayedEviction.ENABLED
+        elif de in (DelayedEviction.DISABLED, DelayedEviction.MANUAL):
+            use_pressure = False
+        return MemoryFileOpts(
+            delayed_eviction=de,
+            use_host_memcg_pressure=use_pressure,
+            chunk_size=self.chunk_size,
+            recycle_max_bytes=self.recycle_max_bytes,
+            release_inline_max_bytes=self.release_inline_max_bytes,
+            release_inline_max_ranges=self.release_inline_max_ranges,
+            pressure_source=self.pressure_source,
+        )
