@@ -58,6 +58,11 @@ def is_page_aligned(x: int) -> bool:
     return x & PAGE_MASK == 0
 
 
+def _hex(x: object) -> str:
+    # repr must not fail for an ill-typed range (it shows up in error messages).
+    return f"{x:#x}" if isinstance(x, int) and not isinstance(x, bool) else repr(x)
+
+
 class _Range(NamedTuple):
     """A half-open range ``[start, end)``; the base of both range types."""
 
@@ -107,7 +112,7 @@ class FileRange(_Range):
     __slots__ = ()
 
     def __repr__(self) -> str:
-        return f"FileRange({self.start:#x}, {self.end:#x})"
+        return f"FileRange({_hex(self.start)}, {_hex(self.end)})"
 
 
 class EvictableRange(_Range):
@@ -116,4 +121,4 @@ class EvictableRange(_Range):
     __slots__ = ()
 
     def __repr__(self) -> str:
-        return f"EvictableRange({self.start:#x}, {self.end:#x})"
+        return f"EvictableRange({_hex(self.start)}, {_hex(self.end)})"

@@ -21,9 +21,9 @@ The gap index
 -------------
 ``gaps[b][i]`` is the size of the gap just before segment ``i`` of block
 ``b`` (for the very first segment, the gap from ``min_key``).  Each block
-records the largest gap before any of its segments (``_bmax``), and a
-max-segment-tree over the blocks (``_tree``) records the largest gap under
-every node.  First fit walks: the gap holding ``key``; then the rest of that
+records a bound on the largest gap before any of its segments (``_bmax``),
+and a max-segment-tree over the blocks (``_tree``) records the largest bound
+under every node.  First fit walks: the gap holding ``key``; then the rest of that
 block; then the tree finds the first later block whose largest gap is big
 enough (O(log blocks)); then that block is scanned for the first gap big
 enough.  The gap after the last segment (up to ``max_key``) is never stored:
@@ -52,8 +52,10 @@ Invariants (``check()`` verifies every one)
 4. No block is empty; every block but the last holds at least one segment;
    ``_firsts[b]`` is the first start of block ``b``; no block exceeds
    ``2 * _LOAD`` segments.
-5. ``_bmax[b] == max(gaps[b])`` and the tree (when not stale) holds the
-   maximum of its children at every node.
+5. ``_bmax[b] >= max(gaps[b])``: an upper bound, exact after a split, raised
+   at once when a gap grows, lowered lazily when first fit finds nothing big
+   enough in the block (so shrinking a gap never costs an O(B) ``max``).  The
+   tree (when not stale) holds the maximum of its children at every node.
 6. ``len(self)`` and ``total_length`` match a recount.
 
 Values are treated as immutable: splitting a segment gives both halves the
@@ -360,6 +362,11 @@ class SegmentSet(Generic[V]):
                         if a + length <= s:
                             return a
                     i += 1
+                # Nothing fitted: tighten the block's bound (it may be stale).
+                m = max(gb)
+                if m != bmax[b]:
+                    bmax[b] = m
+                    self._tree_lower(b, m)
             b = self._find_block(b + 1, length)
             if b < 0:
                 break
@@ -411,6 +418,17 @@ class SegmentSet(Generic[V]):
         return b if b < nb else -1
 
     def _tree_set(self, b: int, value: int) -> None:
+        """Raise leaf b to ``value`` (a new largest gap), fixing ancestors."""
+        tree = self._tree
+        if tree is None:
+            return
+        j = b + self._tsize
+        while j and tree[j] < value:
+            tree[j] = value
+            j >>= 1
+
+    def _tree_lower(self, b: int, value: int) -> None:
+        """Set leaf b to a smaller value, fixing its ancestors."""
         tree = self._tree
         if tree is None:
             return
@@ -428,18 +446,12 @@ class SegmentSet(Generic[V]):
     # ------------------------------------------------------ low-level mutation
 
     def _set_gap(self, b: int, i: int, g: int) -> None:
-        gb = self._gaps[b]
-        old = gb[i]
-        gb[i] = g
-        m = self._bmax[b]
-        if g > m:
+        self._gaps[b][i] = g
+        if g > self._bmax[b]:
             self._bmax[b] = g
             self._tree_set(b, g)
-        elif old == m and g < old:
-            nm = max(gb)
-            if nm != m:
-                self._bmax[b] = nm
-                self._tree_set(b, nm)
+        # A smaller gap leaves _bmax[b] as an upper bound: first fit tightens
+        # it when it finds the block holds nothing big enough.
 
     def _fix_gap_after(self, b: int, i: int) -> None:
         """Recompute the gap before the segment after position (b, i)."""
@@ -501,7 +513,7 @@ class SegmentSet(Generic[V]):
         del self._starts[b][i]
         del self._ends[b][i]
         del self._vals[b][i]
-        g = self._gaps[b].pop(i)
+        self._gaps[b].pop(i)
         self._len -= 1
         self._total -= e - s
         if not self._starts[b]:
@@ -516,11 +528,6 @@ class SegmentSet(Generic[V]):
             return
         if i == 0:
             self._firsts[b] = self._starts[b][0]
-        if g == self._bmax[b]:
-            nm = max(self._gaps[b])
-            if nm != g:
-                self._bmax[b] = nm
-                self._tree_set(b, nm)
         # The follower (same block at index i, or the next block's first).
         if i < len(self._starts[b]):
             self._set_gap(b, i, self._starts[b][i] - prev)
@@ -659,17 +666,50 @@ class SegmentSet(Generic[V]):
         self._delete_at(b, i)
         return v
 
+    def carve(self, start: int, end: int) -> V:
+        """Unmap ``[start, end)``, which must lie inside a single segment
+        (trimming it, or splitting it in two); return that segment's value.
+
+        The fast path of ``remove_range`` for the allocator's common case.
+        Raises ``KeyError`` (changing nothing) when no single segment holds
+        the whole range.  O(log n + B).
+        """
+        self._check_range(start, end)
+        b, i = self._pos_of(start)
+        if b < 0 or self._ends[b][i] < end:
+            raise KeyError(start)
+        sb, eb = self._starts[b], self._ends[b]
+        s, e = sb[i], eb[i]
+        v = self._vals[b][i]
+        if s == start:
+            if e == end:
+                self._delete_at(b, i)
+                return v
+            # Trim the front: the gap before the segment grows.
+            sb[i] = end
+            if i == 0:
+                self._firsts[b] = end
+            self._total -= end - start
+            self._set_gap(b, i, self._gaps[b][i] + (end - start))
+            return v
+        # Trim the back; a middle cut re-inserts the tail.
+        eb[i] = start
+        self._total -= e - start
+        if e == end:
+            self._fix_gap_after(b, i)
+        else:
+            self._insert_at(*self._next_pos(b, i), end, e, v)
+        return v
+
     def remove_range(self, start: int, end: int) -> list[Segment[V]]:
         """Unmap every key of ``[start, end)``: segments straddling a bound
         are split first.  Returns the removed pieces, clipped, in order.
         O(log n + k (B + log n))."""
         self._check_range(start, end)
         b, i = self._pos_of(start)
-        if b >= 0 and self._starts[b][i] == start and self._ends[b][i] == end:
-            # Fast path: exactly one whole segment.
-            v = self._vals[b][i]
-            self._delete_at(b, i)
-            return [(start, end, v)]
+        if b >= 0 and self._ends[b][i] >= end:
+            # Fast path: one segment holds the whole range.
+            return [(start, end, self.carve(start, end))]
         self.isolate(start, end)
         removed = list(self.segments(start, end))
         for s, _, _ in removed:
@@ -802,7 +842,7 @@ class SegmentSet(Generic[V]):
                 prev = e
                 count += 1
                 total += e - s
-            assert self._bmax[b] == max(gaps[b]), f"block max of block {b} stale"
+            assert self._bmax[b] >= max(gaps[b]), f"block bound of block {b} too small"
         assert count == self._len, f"len {self._len} != {count}"
         assert total == self._total, f"total_length {self._total} != {total}"
         tree = self._tree

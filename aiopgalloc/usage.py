@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 __all__ = [
+    "LIVE",
     "RELEASING",
     "MemoryAccounting",
     "MemoryKind",
@@ -149,17 +150,18 @@ class MemoryAccounting:
             c = list(self._counts)
         return MemoryStats(*c)
 
-    def _adjust_unlocked_batch(self, deltas: list[int]) -> None:
-        """Add a per-kind list of signed deltas in one critical section.
-
-        Internal: the allocator calls it with deltas that it has already
-        checked keep every counter >= 0.
-        """
+    def _move_unchecked(self, amount: int, to: int, frm: int) -> None:
+        """``move`` without validation, for the allocator's hot path: it has
+        checked that ``frm`` holds at least ``amount`` (its books say so)."""
         with self._lock:
             counts = self._counts
-            for i, d in enumerate(deltas):
-                if d:
-                    counts[i] += d
+            counts[frm] -= amount
+            counts[to] += amount
+
+    def _inc_unchecked(self, amount: int, kind: int) -> None:
+        """``inc`` without validation, for the allocator's hot path."""
+        with self._lock:
+            self._counts[kind] += amount
 
     def __repr__(self) -> str:
         return f"MemoryAccounting({self.snapshot()})"
@@ -182,6 +184,12 @@ class UsageInfo(NamedTuple):
 
 
 RELEASING = UsageInfo(MemoryKind.SYSTEM, False, 0)
+
+# Shared values for the common "one reference" case, so the hot paths do not
+# build a tuple per call: LIVE[kind][known_committed].
+LIVE: tuple[tuple[UsageInfo, UsageInfo], ...] = tuple(
+    (UsageInfo(k, False, 1), UsageInfo(k, True, 1)) for k in MemoryKind
+)
 
 
 def usage_mergeable(left: UsageInfo, right: UsageInfo) -> bool:
