@@ -18,13 +18,13 @@ import logging
 import os
 import stat
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
 
 from .eviction import Evictions
-from .host import memfd
+from .host import memfd, pressure
 from .memory_file import MemoryFile
 from .options import MemoryFileOpts
 from .ranges import PAGE_SIZE
@@ -79,6 +79,44 @@ def _prepare_fd(file: int | _HasFileno | None, opts: MemoryFileOpts) -> tuple[in
     return fd, sealed
 
 
+def _pressure_source(opts: MemoryFileOpts) -> Any:
+    """The source given in the options, or the best one the host offers.
+
+    Raises ``NoPressureSourceError`` (an ``OSError``) naming every source
+    tried and why it failed, as the reference fails when it cannot set up
+    its cgroup notifications."""
+    if opts.pressure_source is not None:
+        return opts.pressure_source
+    source, report = pressure.choose_pressure_source()
+    for line in report:
+        log.info("pressure source: %s", line)
+    return source
+
+
+async def _watch_pressure(
+    source: Any,
+    evictions: Evictions,
+    opts: MemoryFileOpts,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Turn pressure notifications into evictions until cancelled.
+
+    The source coalesces: at most one notification is pending, carrying the
+    highest level seen since the last one, so a storm of kernel events costs
+    one eviction round per wake-up.  A source that ends (its cgroup is gone)
+    is logged and the watcher stops; the file keeps working."""
+    fractions = {1: opts.evict_fraction_low, 2: opts.evict_fraction_medium}
+    try:
+        async with source:
+            task_status.started()
+            async for event in source:
+                level = int(event.level)
+                evictions.on_pressure(level, fractions.get(level, 1.0))
+    except pressure.PressureSourceGone as exc:
+        log.warning("memory pressure source %s is gone: %s", getattr(source, "name", source), exc)
+
+
 class _MemoryFileContext:
     """The async context manager returned by ``open_memory_file``."""
 
@@ -116,6 +154,9 @@ class _MemoryFileContext:
         try:
             await tg.start(run_releaser, mf)
             await tg.start(evictions.run)
+            if opts.use_host_memcg_pressure:
+                source = _pressure_source(opts)
+                await tg.start(_watch_pressure, source, evictions, opts)
         except BaseException as exc:
             tg.cancel_scope.cancel()
             try:
@@ -151,7 +192,7 @@ class _MemoryFileContext:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> None:
         mf, tg = self._mf, self._tg
         assert mf is not None and tg is not None
         self._mf = self._tg = None
@@ -164,7 +205,6 @@ class _MemoryFileContext:
         finally:
             assert mf._evictions is not None
             self._close(mf, mf._evictions)
-        return False
 
 
 def open_memory_file(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Any
@@ -60,8 +61,14 @@ class MemoryFileOpts:
     - ``release_inline_max_bytes`` / ``release_inline_max_ranges``: a release
       batch at most this big is punched on the event loop; bigger ones go to
       a worker thread (a thread hop costs far more than a few small punches).
-    - ``pressure_source``: any pressure source object (used instead of the
-      host's when given; see ``aiopgalloc.host.pressure``).
+    - ``pressure_source``: any pressure source (an async context manager that
+      is an async iterator of events with a ``level``; see
+      ``aiopgalloc.host.pressure``), used instead of the host's when given.
+    - ``evict_fraction_low`` / ``evict_fraction_medium``: graded eviction.  On
+      a low (medium) pressure notification each evictable user is asked for
+      this share of its evictable bytes, from the end; critical pressure
+      always evicts everything.  1.0 (the default, and the reference's only
+      behaviour) evicts everything at every level.
     """
 
     delayed_eviction: DelayedEviction = DelayedEviction.DEFAULT
@@ -71,6 +78,8 @@ class MemoryFileOpts:
     release_inline_max_bytes: int = 256 * 1024
     release_inline_max_ranges: int = 16
     pressure_source: Any = None
+    evict_fraction_low: float = 1.0
+    evict_fraction_medium: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.delayed_eviction, DelayedEviction):
@@ -82,6 +91,12 @@ class MemoryFileOpts:
             raise ValueError(
                 f"chunk_size must be a power of two and at least {HUGE_PAGE_SIZE}, got {cs}"
             )
+        for name in ("evict_fraction_low", "evict_fraction_medium"):
+            f = getattr(self, name)
+            if isinstance(f, bool) or not isinstance(f, int | float):
+                raise TypeError(f"{name} must be a number")
+            if not 0.0 < f <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {f}")
         for name in ("recycle_max_bytes", "release_inline_max_bytes", "release_inline_max_ranges"):
             v = getattr(self, name)
             if type(v) is not int:
@@ -99,12 +114,4 @@ class MemoryFileOpts:
             de = DelayedEviction.ENABLED
         elif de in (DelayedEviction.DISABLED, DelayedEviction.MANUAL):
             use_pressure = False
-        return MemoryFileOpts(
-            delayed_eviction=de,
-            use_host_memcg_pressure=use_pressure,
-            chunk_size=self.chunk_size,
-            recycle_max_bytes=self.recycle_max_bytes,
-            release_inline_max_bytes=self.release_inline_max_bytes,
-            release_inline_max_ranges=self.release_inline_max_ranges,
-            pressure_source=self.pressure_source,
-        )
+        return dataclasses.replace(self, delayed_eviction=de, use_host_memcg_pressure=use_pressure)
