@@ -29,9 +29,9 @@ gaps sees clean and waste pages alike, and an allocation that lands on waste
 *recycles* it: the pages are zeroed by hand (memset on the mapping, about
 20 us per resident MiB) instead of being punched (5 us per call) and then
 faulted back in by the user's first write (3.6 us per 4 KiB page here).
-Freed pages not known to be committed are first asked about with
-SEEK_DATA (two lseeks), so pages that were never touched are not faulted
-in only to be zeroed.
+Freed pages not known to be committed are first asked about with one
+SEEK_DATA, so pages that were never touched are not faulted in only to be
+zeroed.
 Later gVisor did the same for the same reason.  Recycling also keeps a loop
 of allocate / write / free with no ``await`` in it bounded: the releaser
 cannot run inside such a loop, but the next allocation reuses the pages the
@@ -152,7 +152,7 @@ class MemoryFile:
         self._mappings = ChunkMappings(fd, chunk)
         self._mappings.set_file_size(chunk)
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        # A private read-only description for SEEK_DATA scans, so scanning
+        # A private read-only description for SEEK_DATA probes, so probing
         # never moves the offset of the fd users see.
         self._scan_fd = memfd.reopen(fd, True)
         self._limiter = anyio.CapacityLimiter(2)
@@ -253,16 +253,20 @@ class MemoryFile:
 
     def _zero_recycled(self, recycled: list[tuple[int, int, bool]]) -> None:
         """Zero recycled pages, outside the lock.  Pages known committed are
-        memset; for the others SEEK_DATA finds which hold data (two cheap
-        lseeks), so pages never touched are not faulted in just to be zeroed.
+        memset.  For the others one SEEK_DATA (bounded: it only skips holes)
+        finds the first page holding data; the pages before it are holes and
+        read as zero already, so pages never touched are not faulted in just
+        to be zeroed.  (SEEK_HOLE would walk the data run to its end, however
+        far past the range that is.)
         """
         zero = self._mappings.zero
         for s, e, known in recycled:
-            if known:
-                zero(s, e - s)
-            else:
-                for rs, re_ in syscalls.data_ranges(self._scan_fd, s, e):
-                    zero(rs, re_ - rs)
+            if not known:
+                d = syscalls.seek_data(self._scan_fd, s)
+                if d is None or d >= e:
+                    continue
+                s = d
+            zero(s, e - s)
 
     def _find_range_locked(
         self, length: int, align: int
@@ -273,7 +277,12 @@ class MemoryFile:
         a = usage.first_fit(length, 0, align)
         if a is None:
             raise OSError(errno.ENOMEM, "memory file offsets exhausted")
-        pieces = [] if not waste else list(waste.segments(a, a + length))
+        if not waste:
+            return a, []
+        w = waste.lower_bound(a)
+        if w is None or w[0] >= a + length:
+            return a, []
+        pieces = list(waste.segments(a, a + length))
         if not pieces or length <= self.opts.recycle_max_bytes:
             return a, pieces
         # Large request over dirty pages: look for clean room inside the file,
@@ -453,7 +462,7 @@ class MemoryFile:
             raise TypeError(f"map_internal: range bounds must be ints, got {fr!r}")
         if start < 0 or end <= start:
             raise ValueError(f"map_internal: empty or ill-formed range {fr!r}")
-        if AccessType.EXECUTE in at:
+        if at is not AccessType.READ_WRITE and at & AccessType.EXECUTE:
             raise PermissionError(errno.EACCES, "execute access to the memory file is refused")
         self._check_open()
         if end > self._file_size:
@@ -462,7 +471,8 @@ class MemoryFile:
                 f"({self._file_size:#x} bytes)"
             )
         try:
-            return self._mappings.views(start, end - start, AccessType.WRITE in at)
+            writable = at is AccessType.READ_WRITE or bool(at & AccessType.WRITE)
+            return self._mappings.views(start, end - start, writable)
         except ValueError:
             self._check_open()
             raise
@@ -489,8 +499,8 @@ class MemoryFile:
 
         Skipped (one fstat, about 2 us) when the file's block count equals
         the bytes already known to be committed.  Otherwise the live ranges
-        not yet known committed are scanned (SEEK_DATA/SEEK_HOLE) in a worker
-        thread, without the lock; a scan that raced with a punch is redone.
+        not yet known committed are scanned (mincore) in a worker thread,
+        without the lock; a scan that raced with a punch is redone.
         Freed pages are not scanned (assumed uncommitted, as in the
         reference).  See ``aiopgalloc.usage_scan``.
 

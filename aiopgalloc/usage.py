@@ -196,4 +196,6 @@ def usage_mergeable(left: UsageInfo, right: UsageInfo) -> bool:
     """The usage set's merge policy: equal values merge, except releasing
     ones (each belongs to one release batch, which removes exactly what it
     inserted)."""
+    if left is right:  # the shared LIVE values: the common case
+        return left.refs != 0
     return left == right and left.refs != 0

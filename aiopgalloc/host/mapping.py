@@ -198,6 +198,11 @@ class ChunkMappings:
         ``IndexError`` past the known file size, ``OSError`` when mmap fails.
         """
         self._check_range(offset, length)
+        start_in = offset & (self.chunk_size - 1)
+        if 0 < length <= self.chunk_size - start_in:
+            # One chunk (the common case): no piece list.
+            view = memoryview(self._entry(offset >> self._shift)[0])[start_in : start_in + length]
+            return [view if writable else view.toreadonly()]
         out: list[memoryview] = []
         for index, start_in, n in self._pieces(offset, length):
             view = memoryview(self.chunk(index))[start_in : start_in + n]
@@ -213,7 +218,12 @@ class ChunkMappings:
         pages are faulted in and committed).  Raises like :meth:`views`.
         """
         self._check_range(offset, length)
-        for index, start_in, n in self._pieces(offset, length):
+        start_in = offset & (self.chunk_size - 1)
+        if length <= self.chunk_size - start_in:
+            pieces = [(offset >> self._shift, start_in, length)]
+        else:
+            pieces = self._pieces(offset, length)
+        for index, start_in, n in pieces:
             m, addr = self._entry(index)
             # The export pins the mapping: close() cannot unmap it under us.
             with memoryview(m):

@@ -247,12 +247,32 @@ def memset_zero(addr: int, length: int) -> None:
         ctypes.memset(addr, 0, length)
 
 
+def seek_data(fd: int, offset: int) -> int | None:
+    """The first offset at or after ``offset`` that holds data, or None.
+
+    One ``lseek(SEEK_DATA)`` (fault op ``lseek``).  On shmem, skipping holes
+    is cheap (2-3 us per empty GiB), so this is bounded; SEEK_HOLE is not:
+    finding the end of a data run walks the whole run, which can be far past
+    the range a caller cares about (1.7 ms for 256 MiB measured here).
+    Raises ``OSError`` for errors other than ``ENXIO`` (no data after it).
+    """
+    faults.check("lseek")
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return None
+        raise
+
+
 def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     """Return the committed runs of the file inside ``[start, end)``, in order.
 
     Walks ``lseek(SEEK_DATA)`` / ``lseek(SEEK_HOLE)`` (fault op ``lseek``);
     each run is clipped to ``[start, end)``.  Cost: two lseek calls per run
-    (about 2-3 us for an empty GiB, about 1 ms for 128 MiB of scattered data).
+    (about 2-3 us for an empty GiB, about 1 ms for 128 MiB of scattered data),
+    and SEEK_HOLE walks a data run to its end even past ``end``: on shmem it
+    costs time in proportion to the committed bytes it crosses.
     The walk moves the file offset shared by every fd of this open file
     description; the allocator only uses positional I/O, so that is harmless.
     Raises ``ValueError`` for a negative start or end before start,
