@@ -574,7 +574,9 @@ class MemoryFile:
         (by calling ``await user.evict(er)`` later).  Marking an already
         evictable range changes nothing; touching ranges merge.  Thread-safe.
 
-        Raises ``TypeError``/``ValueError`` for a bad range, ``ClosedError``.
+        Raises ``TypeError`` for a non-``EvictableRange`` or a user without an
+        async ``evict``, ``ValueError`` for an empty, negative or ill-formed
+        range, ``ClosedError``.  Nothing changes when it raises.
         """
         self._ev().mark_evictable(user, er)
 
@@ -586,7 +588,8 @@ class MemoryFile:
 
     def mark_all_unevictable(self, user: EvictableMemoryUser) -> None:
         """Withdraw every range of ``user`` from eviction.  Thread-safe.
-        Raises ``ClosedError``."""
+        Raises ``TypeError`` for a user without an async ``evict``,
+        ``ClosedError``."""
         self._ev().mark_all_unevictable(user)
 
     def should_cache_evictable(self) -> bool:
@@ -600,9 +603,10 @@ class MemoryFile:
         self._ev().start_evictions()
 
     async def wait_for_evictions(self, timeout: float | None = None) -> bool:
-        """Wait until every eviction started so far has finished.  Returns
-        False if ``timeout`` seconds passed first, else True.  Raises
-        ``ClosedError``."""
+        """Wait until every eviction started so far has finished (queued ones
+        included).  Returns False if ``timeout`` seconds passed first, else
+        True.  Raises ``TypeError``/``ValueError`` for a bad timeout,
+        ``RuntimeError`` when called from an ``evict``, ``ClosedError``."""
         return await self._ev().wait_for_evictions(timeout)
 
     # ------------------------------------------------------------- closing
