@@ -6,11 +6,12 @@ honest per-kind accounting; on asyncio, asyncio + uvloop and trio alike.
 """
 
 from .errors import ClosedError, RefCountError
-from .eviction import EvictableMemoryUser
+from .eviction import EvictableMemoryUser, EvictionStats
 from .lifecycle import open_memory_file
 from .memory_file import MemoryFile
 from .options import AccessType, DelayedEviction, MemoryFileOpts
 from .ranges import HUGE_PAGE_SIZE, PAGE_SIZE, EvictableRange, FileRange
+from .stats import FileStats
 from .usage import MemoryAccounting, MemoryKind, MemoryStats
 
 __all__ = [
@@ -21,7 +22,9 @@ __all__ = [
     "DelayedEviction",
     "EvictableMemoryUser",
     "EvictableRange",
+    "EvictionStats",
     "FileRange",
+    "FileStats",
     "MemoryAccounting",
     "MemoryFile",
     "MemoryFileOpts",

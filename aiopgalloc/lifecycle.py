@@ -95,7 +95,7 @@ def _pressure_source(opts: MemoryFileOpts) -> Any:
 
 async def _watch_pressure(
     source: Any,
-    evictions: Evictions,
+    mf: MemoryFile,
     opts: MemoryFileOpts,
     *,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
@@ -112,7 +112,10 @@ async def _watch_pressure(
             task_status.started()
             async for event in source:
                 level = int(event.level)
-                evictions.on_pressure(level, fractions.get(level, 1.0))
+                counts = mf._pressure_counts
+                counts[level] = counts.get(level, 0) + 1
+                assert mf._evictions is not None
+                mf._evictions.on_pressure(level, fractions.get(level, 1.0))
     except pressure.PressureSourceGone as exc:
         log.warning("memory pressure source %s is gone: %s", getattr(source, "name", source), exc)
 
@@ -156,7 +159,7 @@ class _MemoryFileContext:
             await tg.start(evictions.run)
             if opts.use_host_memcg_pressure:
                 source = _pressure_source(opts)
-                await tg.start(_watch_pressure, source, evictions, opts)
+                await tg.start(_watch_pressure, source, mf, opts)
         except BaseException as exc:
             tg.cancel_scope.cancel()
             try:

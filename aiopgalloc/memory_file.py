@@ -73,6 +73,7 @@ from .host.mapping import ChunkMappings
 from .options import AccessType, MemoryFileOpts
 from .ranges import HUGE_PAGE_SIZE, PAGE_SIZE, EvictableRange, FileRange
 from .segments import SegmentSet
+from .stats import FileStats, take_stats
 from .usage import LIVE, RELEASING, MemoryAccounting, MemoryKind, UsageInfo, usage_mergeable
 
 if TYPE_CHECKING:
@@ -177,6 +178,7 @@ class MemoryFile:
         self.bytes_released = 0
         self.recycled_bytes = 0
         self.allocations = 0
+        self._pressure_counts: dict[int, int] = {}  # level -> notifications
         # ---- set by the lifecycle code (open_memory_file)
         self._on_progress: Callable[[], None] = lambda: None
         self._progress_event: anyio.Event
@@ -548,6 +550,14 @@ class MemoryFile:
         released right now).  O(1)."""
         with self._mu:
             return self._waste.total_length + self._releasing
+
+    def stats(self) -> FileStats:
+        """One frozen snapshot of the allocator's figures (see ``FileStats``).
+
+        Cost: one fstat and one pass over the usage set, O(segments).
+        Raises ``ClosedError``.
+        """
+        return take_stats(self)
 
     def share(self, readonly: bool = True) -> int:
         """A new fd of the same file, for another process (pass it over a
