@@ -105,11 +105,15 @@ async def _watch_pressure(
     The source coalesces: at most one notification is pending, carrying the
     highest level seen since the last one, so a storm of kernel events costs
     one eviction round per wake-up.  A source that ends (its cgroup is gone)
-    is logged and the watcher stops; the file keeps working."""
+    or fails once open is logged and the watcher stops; the file keeps
+    working.  A failure to open the source fails the open."""
     fractions = {1: opts.evict_fraction_low, 2: opts.evict_fraction_medium}
+    name = getattr(source, "name", source)
+    started = False
     try:
         async with source:
             task_status.started()
+            started = True
             async for event in source:
                 level = int(event.level)
                 counts = mf._pressure_counts
@@ -117,7 +121,13 @@ async def _watch_pressure(
                 assert mf._evictions is not None
                 mf._evictions.on_pressure(level, fractions.get(level, 1.0))
     except pressure.PressureSourceGone as exc:
-        log.warning("memory pressure source %s is gone: %s", getattr(source, "name", source), exc)
+        if not started:
+            raise
+        log.warning("memory pressure source %s is gone: %s", name, exc)
+    except Exception:
+        if not started:
+            raise
+        log.exception("memory pressure source %s failed; no more pressure notifications", name)
 
 
 class _MemoryFileContext:
@@ -164,6 +174,11 @@ class _MemoryFileContext:
             tg.cancel_scope.cancel()
             try:
                 await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            except BaseExceptionGroup as group:
+                # The task group wraps the failure it was handed; when the
+                # group holds nothing else, let the failure out as itself.
+                if not _only_exception(group, exc):
+                    raise
             finally:
                 self._close(mf, evictions)
             raise
