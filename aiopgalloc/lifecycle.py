@@ -39,15 +39,17 @@ class _HasFileno(Protocol):
     def fileno(self) -> int: ...
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
+
+
 def _only_exception(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
-    """Whether every leaf of the group is ``exc`` itself."""
-    for e in group.exceptions:
-        if isinstance(e, BaseExceptionGroup):
-            if not _only_exception(e, exc):
-                return False
-        elif e is not exc:
-            return False
-    return True
+    """Whether every leaf of the group is ``exc`` or one of ``exc``'s own
+    leaves (``exc`` may itself be a group, which trio re-derives)."""
+    own = {id(e) for e in _leaves(exc)}
+    return all(id(e) in own for e in _leaves(group))
 
 
 def _prepare_fd(file: int | _HasFileno | None, opts: MemoryFileOpts) -> tuple[int, bool]:
@@ -61,7 +63,10 @@ def _prepare_fd(file: int | _HasFileno | None, opts: MemoryFileOpts) -> tuple[in
     elif isinstance(file, int) and not isinstance(file, bool):
         fd = file
     elif not isinstance(file, bool) and callable(getattr(file, "fileno", None)):
-        fd = file.fileno()
+        # Own a private duplicate; the caller's object is closed once the
+        # block is entered, so nothing of the caller's can close our fd.
+        fd = os.dup(file.fileno())
+        created = True
     else:
         raise TypeError("file must be None, an fd, or an object with fileno()")
     try:
@@ -71,7 +76,7 @@ def _prepare_fd(file: int | _HasFileno | None, opts: MemoryFileOpts) -> tuple[in
         # Start from an empty file, as the reference does.
         memfd.truncate(fd, 0)
         memfd.truncate(fd, opts.chunk_size)
-        sealed = memfd.seal_shrink(fd) if created else False
+        sealed = memfd.seal_shrink(fd) if file is None else False
     except BaseException:
         if created:
             os.close(fd)
@@ -150,7 +155,7 @@ class _MemoryFileContext:
                 log.warning("could not pre-map the file PROT_EXEC (IMA work-around): %s", err)
             mf = MemoryFile(fd, opts, sealed=sealed)
         except BaseException:
-            if self._file is None:
+            if not isinstance(self._file, int):
                 os.close(fd)
             raise
         evictions = Evictions(opts, mf._wake_releaser)
@@ -180,7 +185,8 @@ class _MemoryFileContext:
                 if not _only_exception(group, exc):
                     raise
             finally:
-                self._close(mf, evictions)
+                # The block was never entered: a caller's fd stays the caller's.
+                self._close(mf, evictions, close_fd=not isinstance(self._file, int))
             raise
         self._mf, self._tg = mf, tg
         # The caller's file object is ours now.
@@ -189,20 +195,18 @@ class _MemoryFileContext:
         return mf
 
     def _detach_caller_object(self) -> None:
-        # Ownership of the fd passed to us: make the object forget it, so its
-        # close() cannot close our fd under the mappings.
-        obj = self._file
-        detach = getattr(obj, "detach", None)
-        if callable(detach):
+        # We own a duplicate of its fd (see _prepare_fd): close the caller's
+        # object, so its fd is not leaked and it cannot touch ours.
+        close = getattr(self._file, "close", None)
+        if callable(close):
             try:
-                detach()
-                return
+                close()
             except Exception:
-                pass
+                log.warning("closing the caller's file object failed", exc_info=True)
 
     @staticmethod
-    def _close(mf: MemoryFile, evictions: Evictions) -> None:
-        mf._close()
+    def _close(mf: MemoryFile, evictions: Evictions, close_fd: bool = True) -> None:
+        mf._close(close_fd=close_fd)
         evictions.close()
 
     async def __aexit__(

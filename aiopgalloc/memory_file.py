@@ -86,6 +86,9 @@ log = logging.getLogger("aiopgalloc")
 _PAGE_MASK = PAGE_SIZE - 1
 _SYSTEM = MemoryKind.SYSTEM
 _MAX_OFFSET = (1 << 63) - 1  # file offsets are signed 64-bit
+# The whole file must be mappable (user space is 2**47 bytes on x86-64), and
+# the chunk table must stay small: refuse to grow past this.
+_MAX_FILE_SIZE = 1 << 47
 
 
 def _validate_range(fr: object, what: str) -> tuple[int, int]:
@@ -169,6 +172,7 @@ class MemoryFile:
         self._usage: SegmentSet[UsageInfo] = SegmentSet(usage_mergeable, max_key=self._max_end)
         self._waste: SegmentSet[bool] = SegmentSet(max_key=self._max_end)
         self._releasing = 0  # bytes in releasing segments
+        self._releasing_committed = 0  # of which known committed (still SYSTEM)
         self._known_committed = 0
         self._commit_seq = 0  # bumped whenever pages are punched out
         self._wake_pending = False
@@ -248,10 +252,27 @@ class MemoryFile:
             try:
                 self._zero_recycled(recycled)
             except BaseException:
-                # The pages are ours: give them back as freed (dirty) pages.
-                self.dec_ref(FileRange(start, end))
+                self._undo_allocation(start, end, recycled, kind)
                 raise
         return FileRange(start, end)
+
+    def _undo_allocation(
+        self, start: int, end: int, recycled: list[tuple[int, int, bool]], kind: MemoryKind
+    ) -> None:
+        """Undo an allocation whose recycled pages could not be zeroed: the
+        recycled pieces go back to the waste set as they were (dirty, with
+        their committed flag), the clean pieces become clean again."""
+        with self._mu:
+            if self._closed:
+                return
+            self._usage.remove_range(start, end)
+            for s, e, committed in recycled:
+                if committed:
+                    self.accounting._move_unchecked(e - s, _SYSTEM, kind)
+                self._waste.add(s, e, committed)
+                self.recycled_bytes -= e - s
+            self.allocations -= 1
+            self._wake_releaser_locked()
 
     def _zero_recycled(self, recycled: list[tuple[int, int, bool]]) -> None:
         """Zero recycled pages, outside the lock.  Pages known committed are
@@ -305,6 +326,9 @@ class MemoryFile:
         held.  Raises OSError from ftruncate with nothing changed."""
         chunk = self._chunk_size
         new_size = (end + chunk - 1) // chunk * chunk
+        if new_size > _MAX_FILE_SIZE:
+            # Checked before ftruncate: a sealed file cannot be shrunk back.
+            raise OSError(errno.ENOMEM, f"memory file cannot grow to {new_size:#x} bytes")
         memfd.truncate(self._fd, new_size)
         self._mappings.set_file_size(new_size)
         self._file_size = new_size
@@ -460,8 +484,14 @@ class MemoryFile:
         if not isinstance(fr, tuple) or len(fr) != 2:
             raise TypeError(f"map_internal: expected a FileRange, got {type(fr).__name__}")
         start, end = fr
-        if not isinstance(start, int) or not isinstance(end, int):
-            raise TypeError(f"map_internal: range bounds must be ints, got {fr!r}")
+        if type(start) is not int or type(end) is not int:
+            if (
+                not (isinstance(start, int) and isinstance(end, int))
+                or isinstance(start, bool)
+                or isinstance(end, bool)
+            ):
+                raise TypeError(f"map_internal: range bounds must be ints, got {fr!r}")
+            start, end = int(start), int(end)
         if start < 0 or end <= start:
             raise ValueError(f"map_internal: empty or ill-formed range {fr!r}")
         if at is not AccessType.READ_WRITE and at & AccessType.EXECUTE:
@@ -621,9 +651,10 @@ class MemoryFile:
 
     # ------------------------------------------------------------- closing
 
-    def _close(self) -> None:
+    def _close(self, close_fd: bool = True) -> None:
         """Close the file (the lifecycle code calls it after the task group
-        ended).  Views from map_internal stay valid until dropped."""
+        ended).  Views from map_internal stay valid until dropped.  With
+        ``close_fd=False`` (opening failed) the caller's fd is left open."""
         with self._mu:
             if self._closed:
                 return
@@ -635,9 +666,14 @@ class MemoryFile:
                 "those mappings are released when the views are dropped",
                 busy,
             )
-        for fd in (self._wake_fd, self._scan_fd, self._fd):
+        for fd in (
+            (self._wake_fd, self._scan_fd, self._fd) if close_fd else (self._wake_fd, self._scan_fd)
+        ):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        # Callers waiting in wait_for_reclaim() wake, see the file closed and
+        # raise ClosedError instead of waiting for a releaser that is gone.
+        self._on_progress()
 
     # ----------------------------------------------------------- diagnostics
 
@@ -688,6 +724,9 @@ class MemoryFile:
                 if c:
                     per_kind[_SYSTEM] += e - _s
             assert releasing == self._releasing, "releasing byte count stale"
+            # Committed pages being punched right now are still known
+            # committed (and counted as SYSTEM) until the batch finishes.
+            per_kind[_SYSTEM] += self._releasing_committed
             high = max((usage.last() or (0, 0))[1], (waste.last() or (0, 0))[1])
             assert high <= self._file_size, "a segment lies past the end of the file"
             assert self._file_size % self._chunk_size == 0, "file size not whole chunks"

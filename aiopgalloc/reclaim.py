@@ -115,6 +115,7 @@ def take_waste_batch_locked(mf: MemoryFile, pieces: list[tuple[int, int, bool]])
         for p in range(s, e, step):
             ranges.append((p, min(p + step, e)))
     mf._releasing += total
+    mf._releasing_committed += committed
     return ReleaseBatch(pieces, ranges, committed, total)
 
 
@@ -128,10 +129,12 @@ def finish_release(mf: MemoryFile, batch: ReleaseBatch) -> None:
                 usage.remove_range(s, e)
                 mf._waste.add(s, e, c)
             mf._releasing -= batch.nbytes
+            mf._releasing_committed -= batch.committed_bytes
             return
         for s, e in batch.ranges:
             usage.remove_range(s, e)
         mf._releasing -= batch.nbytes
+        mf._releasing_committed -= batch.committed_bytes
         if batch.committed_bytes:
             mf.accounting.dec(batch.committed_bytes, MemoryKind.SYSTEM)
             mf._known_committed -= batch.committed_bytes
