@@ -5,6 +5,7 @@ back to the kernel, async eviction callbacks under memory pressure, and
 honest per-kind accounting; on asyncio, asyncio + uvloop and trio alike.
 """
 
+from .checkpoint import CheckpointError, load_memory_file
 from .errors import ClosedError, RefCountError
 from .eviction import EvictableMemoryUser, EvictionStats
 from .lifecycle import open_memory_file
@@ -18,6 +19,7 @@ __all__ = [
     "HUGE_PAGE_SIZE",
     "PAGE_SIZE",
     "AccessType",
+    "CheckpointError",
     "ClosedError",
     "DelayedEviction",
     "EvictableMemoryUser",
@@ -31,5 +33,6 @@ __all__ = [
     "MemoryKind",
     "MemoryStats",
     "RefCountError",
+    "load_memory_file",
     "open_memory_file",
 ]
