@@ -84,7 +84,7 @@ class _Range(NamedTuple):
 
     def overlaps(self, other: tuple[int, int]) -> bool:
         """Whether this range and ``other`` share at least one offset."""
-        return self.start < other[1] and other[0] < self.end
+        return max(self.start, other[0]) < min(self.end, other[1])
 
     def is_superset_of(self, other: tuple[int, int]) -> bool:
         """Whether every offset of ``other`` lies in this range."""

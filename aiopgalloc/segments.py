@@ -787,10 +787,10 @@ class SegmentSet(Generic[V]):
             if seg is not None:
                 b, i = self._pos_of(seg[0])
                 self._try_merge_next(b, i)
-        b, i = self._pos_of(start)
-        if b >= 0 and self._starts[b][i] == start:
-            prev = self.prev_segment(start)
-            if prev is not None and prev[1] == start:
+        seg = self.find(start)
+        if seg is not None:
+            prev = self.prev_segment(seg[0])
+            if prev is not None and prev[1] == seg[0]:
                 pb, pi = self._pos_of(prev[0])
                 self._try_merge_next(pb, pi)
 

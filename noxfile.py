@@ -1,0 +1,64 @@
+"""nox sessions: tests per backend, lint, typecheck, bench.
+
+    nox                      # tests (all three backends), lint, typecheck
+    nox -s tests             # the three backends only
+    nox -s "tests(backend='trio')" -- -x     # one backend; extra args go to pytest
+    nox -s bench             # benchmarks/bench_segments.py --quick
+
+Backends: every async test runs once per backend through the ``anyio_backend``
+fixture of tests/conftest.py, whose ids are ``asyncio``, ``asyncio+uvloop``
+and ``trio`` (``test_x[asyncio]``, ``test_x[asyncio+uvloop]``, ...).  Each
+``tests`` session selects its backend's ids with ``-k``.  Sync tests (no
+backend id) run once, in the ``asyncio`` session only: they do not depend on
+the event loop, and the hypothesis suites are the slowest part of the run.
+``-k`` matches substrings of test and module names, so a test whose own name
+mentions ``trio`` or ``uvloop`` runs in that session instead of asyncio's.
+
+Sessions use the interpreter running nox (the project needs 3.11+).
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+# -k expressions selecting each backend's tests (see the module docstring).
+BACKENDS = {
+    "asyncio": "not uvloop and not trio",  # asyncio ids, plus every sync test
+    "uvloop": "asyncio+uvloop",
+    "trio": "trio",
+}
+
+PYTEST_ARGS = ["-q", "-p", "no:cacheprovider"]
+
+
+@nox.session
+@nox.parametrize("backend", list(BACKENDS))
+def tests(session: nox.Session, backend: str) -> None:
+    """The test suite on one anyio backend."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *PYTEST_ARGS, "-k", BACKENDS[backend], *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the whole tree."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package."""
+    session.install("-e", ".[lint]")
+    session.run("mypy", "--strict", "aiopgalloc")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The SegmentSet micro-benchmark, quick mode (extra args are passed on)."""
+    session.install("-e", ".")
+    session.run("python", "benchmarks/bench_segments.py", "--quick", *session.posargs)
