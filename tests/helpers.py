@@ -6,6 +6,7 @@ mappings of real memfds, and snapshot the allocator through its public calls.
 
 from __future__ import annotations
 
+import gc
 import os
 import struct
 import subprocess
@@ -20,7 +21,13 @@ _ZEROS = memoryview(bytes(4 << 20))
 
 
 def open_fds() -> set[int]:
-    """The fds of this process right now (the listing's own fd excluded)."""
+    """The fds of this process right now (the listing's own fd excluded).
+
+    Collects garbage first: an mmap left behind by an earlier test (a view
+    kept past its file's close) holds a private dup of the fd, which would
+    otherwise close at a random moment in the middle of a before/after
+    comparison."""
+    gc.collect()
     fds = set()
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import gc
 import os
 import socket
 import struct
@@ -64,6 +65,7 @@ needs_host_psi = pytest.mark.skipif(not HOST_PSI.exists(), reason="kernel withou
 
 
 def open_fds() -> set[int]:
+    gc.collect()  # see helpers.open_fds: stale mmaps close their dup fds on collection
     return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
