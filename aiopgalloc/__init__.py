@@ -10,7 +10,7 @@ from .errors import ClosedError, RefCountError
 from .eviction import EvictableMemoryUser, EvictionStats
 from .lifecycle import open_memory_file
 from .memory_file import MemoryFile
-from .options import AccessType, DelayedEviction, MemoryFileOpts
+from .options import AccessType, CommitMode, DelayedEviction, MemoryFileOpts
 from .ranges import HUGE_PAGE_SIZE, PAGE_SIZE, EvictableRange, FileRange
 from .stats import FileStats
 from .usage import MemoryAccounting, MemoryKind, MemoryStats
@@ -21,6 +21,7 @@ __all__ = [
     "AccessType",
     "CheckpointError",
     "ClosedError",
+    "CommitMode",
     "DelayedEviction",
     "EvictableMemoryUser",
     "EvictableRange",

@@ -1,170 +1,45 @@
-"""``python -m aiopgalloc``: a demo of the main use case, and host information.
+"""``python -m aiopgalloc``: the demo, host information, and the benchmarks.
 
-- ``demo``: an evictable cache keeps values in a memory file while a load
-  generator works it; then memory pressure arrives (through the manual
-  pressure source, so it runs anywhere) and the cache sheds.  Prints what
-  the allocator holds at each stage.
-- ``info``: page sizes, transparent huge page settings, the memory cgroup,
-  and which pressure sources work here (and why the others do not).
+    python -m aiopgalloc demo     # the main use case, end to end
+    python -m aiopgalloc info     # what this host offers (pages, cgroups, pressure sources)
+    python -m aiopgalloc bench    # side-by-side benchmarks against the usual alternatives
+
+Each command lives in its own module under ``aiopgalloc._cli``, imported only
+when chosen, so the library itself never imports the CLI's dependencies.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import random
 import sys
+from importlib import import_module
 
-import anyio
-
-from . import (
-    PAGE_SIZE,
-    DelayedEviction,
-    EvictableRange,
-    FileRange,
-    MemoryFile,
-    MemoryFileOpts,
-    MemoryKind,
-    open_memory_file,
-)
-from .host import cgroup, hugepage, pressure
+_COMMANDS = {
+    "demo": ("aiopgalloc._cli.demo", "run the cache demo: fill, load, memory pressure, shed"),
+    "info": ("aiopgalloc._cli.info", "page sizes, THP, the memory cgroup, pressure sources"),
+    "bench": ("aiopgalloc._cli.bench", "benchmarks side by side with the alternatives"),
+}
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):8.1f} MiB"
-
-
-class _DemoCache:
-    """A toy cache: each value lives in its own allocation; every entry is
-    evictable, and ``evict`` drops the entries in the range it is given."""
-
-    def __init__(self, mf: MemoryFile) -> None:
-        self.mf = mf
-        self.entries: dict[int, FileRange] = {}  # slot -> pages
-        self.evicted = 0
-
-    def put(self, slot: int, value: bytes) -> None:
-        old = self.entries.pop(slot, None)
-        if old is not None:
-            self.mf.dec_ref(old)
-        pages = -(-len(value) // PAGE_SIZE) * PAGE_SIZE
-        fr = self.mf.allocate(pages, MemoryKind.PAGE_CACHE)
-        pos = 0
-        for view in self.mf.map_internal(fr):  # one view per chunk crossed
-            n = min(len(view), len(value) - pos)
-            view[:n] = value[pos : pos + n]
-            pos += n
-        self.entries[slot] = fr
-        # Slots are the cache's own offsets: one "page" of slot space each.
-        self.mf.mark_evictable(self, EvictableRange(slot, slot + 1))
-
-    def get(self, slot: int) -> bytes | None:
-        fr = self.entries.get(slot)
-        if fr is None:
-            return None
-        return b"".join(bytes(v) for v in self.mf.map_internal(fr))
-
-    async def evict(self, er: EvictableRange) -> None:
-        for slot in range(er.start, er.end):
-            fr = self.entries.pop(slot, None)
-            if fr is not None:
-                self.mf.dec_ref(fr)
-                self.evicted += 1
-
-
-def _report(mf: MemoryFile, stage: str) -> None:
-    stats = mf.accounting.snapshot()
-    print(
-        f"{stage:<28} committed {_mib(mf.total_usage())}  file {_mib(mf.total_size())}  "
-        f"page cache {_mib(stats.page_cache)}  waiting release {_mib(mf.reclaim_pending())}"
-    )
-
-
-async def demo(entries: int, seconds: float) -> int:
-    """Run the demo; returns the exit code."""
-    source = pressure.ManualPressure()
-    opts = MemoryFileOpts(
-        delayed_eviction=DelayedEviction.ENABLED,
-        use_host_memcg_pressure=True,
-        pressure_source=source,
-    )
-    print(f"aiopgalloc demo: {entries} cache entries, pressure through the manual source\n")
-    async with open_memory_file(opts=opts) as mf:
-        cache = _DemoCache(mf)
-        rng = random.Random(7)
-        _report(mf, "opened")
-        for slot in range(entries):
-            cache.put(slot, os.urandom(rng.randint(1, 16) * PAGE_SIZE - rng.randint(0, 100)))
-        await mf.update_usage()
-        _report(mf, "cache filled")
-        # Load: overwrite and read random entries for a while.
-        ops = 0
-        with anyio.move_on_after(seconds):
-            while True:
-                for _ in range(200):
-                    slot = rng.randrange(entries)
-                    if rng.random() < 0.3:
-                        cache.put(slot, os.urandom(rng.randint(1, 16) * PAGE_SIZE))
-                    else:
-                        cache.get(slot)
-                    ops += 1
-                await anyio.sleep(0)
-        await mf.update_usage()
-        _report(mf, f"after {ops} operations")
-        print("\nmemory pressure arrives (critical) ...")
-        source.notify(pressure.PressureLevel.CRITICAL)
-        with anyio.fail_after(10):
-            while cache.entries:
-                await anyio.sleep(0.01)
-            await mf.wait_for_evictions()
-            await mf.wait_for_reclaim()
-        await mf.update_usage()
-        _report(mf, "after eviction and release")
-        print(
-            f"\n{cache.evicted} entries evicted; every freed page went back to the kernel: "
-            f"{'yes' if mf.total_usage() == 0 else 'no'}"
-        )
-        return 0 if mf.total_usage() == 0 else 1
-
-
-def info() -> int:
-    """Print what this host offers."""
-    print(f"page size        {PAGE_SIZE}")
-    print(f"huge page size   {hugepage.HUGE_PAGE_SIZE}")
-    for k, v in hugepage.thp_settings().items():
-        print(f"THP {k:<13}{v}")
-    cg = cgroup.current_memory_cgroup()
-    if cg is None:
-        print("memory cgroup    none found")
-    else:
-        print(f"memory cgroup    v{cg.version} {cg.path}")
-    print("pressure sources, in order of preference:")
-    try:
-        source, report = pressure.choose_pressure_source()
-        chosen = source.name
-    except pressure.NoPressureSourceError as exc:
-        report = list(exc.report)
-        chosen = None
-    for line in report:
-        print(f"  {line}")
-    print(f"chosen           {chosen or 'none'}")
-    return 0
+def _usage() -> str:
+    lines = ["usage: python -m aiopgalloc {" + ",".join(_COMMANDS) + "} [options]", ""]
+    lines += [f"  {name:<7}{help_}" for name, (_, help_) in _COMMANDS.items()]
+    lines += ["", "python -m aiopgalloc COMMAND --help  for a command's options"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m aiopgalloc")
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="run the cache demo")
-    d.add_argument("--entries", type=int, default=2000)
-    d.add_argument("--seconds", type=float, default=2.0)
-    d.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
-    sub.add_parser("info", help="what this host offers")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        code: int = anyio.run(demo, args.entries, args.seconds, backend=args.backend)
-        return code
-    return info()
+    """Dispatch to a command's ``main(argv)``; returns the exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    entry = _COMMANDS.get(args[0])
+    if entry is None:
+        print(f"unknown command {args[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = import_module(entry[0])
+    code: int = module.main(args[1:])
+    return code
 
 
 if __name__ == "__main__":

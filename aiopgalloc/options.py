@@ -9,7 +9,7 @@ from typing import Any
 
 from .ranges import HUGE_PAGE_SIZE, PAGE_SIZE
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "AccessType", "DelayedEviction", "MemoryFileOpts"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "AccessType", "CommitMode", "DelayedEviction", "MemoryFileOpts"]
 
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 """Bytes per mapping chunk, and the step by which the file grows.
@@ -33,6 +33,31 @@ class DelayedEviction(enum.Enum):
     DISABLED = 1
     ENABLED = 2
     MANUAL = 3
+
+
+class CommitMode(enum.Enum):
+    """How ``allocate`` commits the pages it hands out (later gVisor's
+    allocation modes).
+
+    - ``NONE``: leave them uncommitted; the user's first touch of each page
+      faults it in (about 3.6 us per 4 KiB page here).  The default.
+    - ``FALLOCATE``: ``fallocate(mode 0)`` reserves the memory up front
+      (about 1-1.4 us per page); the user's first touch still takes a
+      (cheaper, minor) fault.  Fails with ``ENOSPC`` rather than the process
+      being killed later when memory is short.
+    - ``POPULATE``: ``madvise(MADV_POPULATE_WRITE)`` faults every page in,
+      writable, in one syscall (3-6 us per page); the user's writes then take
+      no faults at all.  Falls back to touching each page where the kernel
+      lacks it.
+
+    Committing costs time in the ``allocate`` call itself (synchronous: call
+    it from a worker thread for large ranges).  Committed pages are counted
+    as known committed at once.
+    """
+
+    NONE = 0
+    FALLOCATE = 1
+    POPULATE = 2
 
 
 class AccessType(enum.Flag):

@@ -13,6 +13,7 @@ from aiopgalloc import (
     HUGE_PAGE_SIZE,
     PAGE_SIZE,
     AccessType,
+    CommitMode,
     FileRange,
     MemoryFileOpts,
     MemoryKind,
@@ -513,4 +514,43 @@ async def test_allocate_and_fill_reader_error_frees_everything() -> None:
         assert segments(mf) == before
         assert mf.reclaim_pending() == 4 * P  # freed, not yet released
         await mf.wait_for_reclaim()
+        mf.check_invariants()
+
+
+# ----------------------------------------------------------- commit modes
+
+
+@pytest.mark.parametrize("mode", [CommitMode.FALLOCATE, CommitMode.POPULATE])
+async def test_commit_modes_commit_and_account(mode: CommitMode) -> None:
+    async with open_memory_file() as mf:
+        fr = mf.allocate(64 * P, MemoryKind.TMPFS, commit=mode)
+        assert mf.total_usage() == 64 * P
+        assert mf.accounting.snapshot().tmpfs == 64 * P  # known at once
+        assert read(mf, fr) == bytes(64 * P)
+        mf.check_invariants()
+        await mf.update_usage()
+        assert mf.accounting.snapshot().tmpfs == 64 * P
+        mf.dec_ref(fr)
+        await mf.wait_for_reclaim()
+        assert mf.total_usage() == 0 and mf.accounting.snapshot().total == 0
+        mf.check_invariants()
+
+
+async def test_commit_none_leaves_pages_uncommitted() -> None:
+    async with open_memory_file() as mf:
+        mf.allocate(64 * P, commit=CommitMode.NONE)
+        assert mf.total_usage() == 0
+        with pytest.raises(TypeError):
+            mf.allocate(P, commit="populate")  # type: ignore[arg-type]
+
+
+async def test_failed_commit_changes_nothing() -> None:
+    async with open_memory_file() as mf:
+        mf.allocate(P)
+        before, pending = str(mf), mf.reclaim_pending()
+        with faults.injected("fallocate", errno.ENOSPC), pytest.raises(OSError) as info:
+            mf.allocate(16 * P, commit=CommitMode.FALLOCATE)
+        assert info.value.errno == errno.ENOSPC
+        assert str(mf) == before and mf.reclaim_pending() == pending
+        assert mf.total_usage() == 0
         mf.check_invariants()

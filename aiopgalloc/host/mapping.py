@@ -26,6 +26,7 @@ each mapped chunk holds one fd open: with 1 GiB chunks that is a handful.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import threading
 
@@ -228,6 +229,30 @@ class ChunkMappings:
             # The export pins the mapping: close() cannot unmap it under us.
             with memoryview(m):
                 syscalls.memset_zero(addr + start_in, n)
+
+    def populate(self, offset: int, length: int) -> None:
+        """Fault in (commit) ``[offset, offset+length)`` for writing, so the
+        user's first writes take no page faults.
+
+        ``madvise(MADV_POPULATE_WRITE)`` per chunk crossed (Linux 5.14+;
+        about 3-6 us per 4 KiB page: the page faults are paid here, in one
+        syscall).  Where the kernel refuses it (``EINVAL``), one zero byte is
+        written per page instead, which commits the same pages; the caller
+        guarantees the range reads as zero, so the bytes do not change.
+        Raises like :meth:`views`, and ``OSError`` from madvise (``ENOMEM``,
+        ``EFAULT``) when memory runs out.
+        """
+        self._check_range(offset, length)
+        for index, start_in, n in self._pieces(offset, length):
+            m, addr = self._entry(index)
+            with memoryview(m) as pin:
+                try:
+                    syscalls.madvise(addr + start_in, n, syscalls.MADV_POPULATE_WRITE)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    for off in range(start_in, start_in + n, PAGE_SIZE):
+                        pin[off] = 0
 
     def mincore(self, offset: int, length: int) -> bytearray:
         """Return the residency of ``[offset, offset+length)``: one byte per page.
