@@ -362,6 +362,8 @@ class MemoryFile:
         w = waste.lower_bound(a)
         if w is None or w[0] >= a + length:
             return a, []
+        if w[0] <= a and w[1] >= a + length and length <= self.opts.recycle_max_bytes:
+            return a, [w]  # the common case: one freed range holds it all
         pieces = list(waste.segments(a, a + length))
         if not pieces or length <= self.opts.recycle_max_bytes:
             return a, pieces

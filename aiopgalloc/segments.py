@@ -474,21 +474,36 @@ class SegmentSet(Generic[V]):
             self._bmax.append(g0)
             self._tree = None
         else:
-            if b == len(starts):  # append after the last block
+            nblocks = len(starts)
+            if b == nblocks:  # append after the last block
                 b -= 1
                 i = len(starts[b])
-            g = s - self._prev_end(b, i)
-            starts[b].insert(i, s)
-            self._ends[b].insert(i, e)
+            sb = starts[b]
+            eb = self._ends[b]
+            gb = self._gaps[b]
+            if i:
+                prev = eb[i - 1]
+            elif b:
+                prev = self._ends[b - 1][-1]
+            else:
+                prev = self.min_key
+            g = s - prev
+            sb.insert(i, s)
+            eb.insert(i, e)
             self._vals[b].insert(i, v)
-            self._gaps[b].insert(i, g)
+            gb.insert(i, g)
             if i == 0:
                 self._firsts[b] = s
             if g > self._bmax[b]:
                 self._bmax[b] = g
                 self._tree_set(b, g)
-            self._fix_gap_after(b, i)
-            if len(starts[b]) > 2 * _LOAD:
+            # The follower's gap shrinks: the block bounds stay valid.
+            n = len(sb)
+            if i + 1 < n:
+                gb[i + 1] = sb[i + 1] - e
+            elif b + 1 < nblocks:
+                self._gaps[b + 1][0] = starts[b + 1][0] - e
+            if n > 2 * _LOAD:
                 self._split_block(b)
         self._len += 1
         self._total += e - s
@@ -507,16 +522,24 @@ class SegmentSet(Generic[V]):
 
     def _delete_at(self, b: int, i: int) -> None:
         """Remove the segment at (b, i) and fix the gap after it."""
-        s = self._starts[b][i]
-        e = self._ends[b][i]
-        prev = self._prev_end(b, i)
-        del self._starts[b][i]
-        del self._ends[b][i]
+        starts = self._starts
+        sb = starts[b]
+        eb = self._ends[b]
+        s = sb[i]
+        e = eb[i]
+        if i:
+            prev = eb[i - 1]
+        elif b:
+            prev = self._ends[b - 1][-1]
+        else:
+            prev = self.min_key
+        del sb[i]
+        del eb[i]
         del self._vals[b][i]
-        self._gaps[b].pop(i)
+        del self._gaps[b][i]
         self._len -= 1
         self._total -= e - s
-        if not self._starts[b]:
+        if not sb:
             for lists in (self._starts, self._ends, self._vals, self._gaps):
                 del lists[b]
             del self._firsts[b]
@@ -527,13 +550,19 @@ class SegmentSet(Generic[V]):
                 self._set_gap(b, 0, self._starts[b][0] - prev)
             return
         if i == 0:
-            self._firsts[b] = self._starts[b][0]
-        # The follower (same block at index i, or the next block's first).
-        if i < len(self._starts[b]):
-            self._set_gap(b, i, self._starts[b][i] - prev)
-        elif b + 1 < len(self._starts):
-            self._set_gap(b + 1, 0, self._starts[b + 1][0] - prev)
-        if len(self._starts[b]) < _LOAD // 2 and len(self._starts) > 1:
+            self._firsts[b] = sb[0]
+        # The follower (same block at index i, or the next block's first):
+        # its gap grows, which may raise its block's bound.
+        n = len(sb)
+        if i < n:
+            g = sb[i] - prev
+            self._gaps[b][i] = g
+            if g > self._bmax[b]:
+                self._bmax[b] = g
+                self._tree_set(b, g)
+        elif b + 1 < len(starts):
+            self._set_gap(b + 1, 0, starts[b + 1][0] - prev)
+        if n < _LOAD // 2 and len(starts) > 1:
             self._join_block(b)
 
     def _join_block(self, b: int) -> None:
@@ -585,7 +614,9 @@ class SegmentSet(Generic[V]):
         b, i = self._pos_of(e - 1)
         self._ends[b][i] = new_end
         self._total += new_end - e
-        self._fix_gap_after(b, i)
+        nb, ni = self._next_pos(b, i)
+        if nb < len(self._starts):
+            self._gaps[nb][ni] = self._starts[nb][ni] - new_end
         return True
 
     # ---------------------------------------------------------------- mutation
@@ -598,12 +629,23 @@ class SegmentSet(Generic[V]):
         Raises ``ValueError`` for an empty or ill-formed range, or one outside
         ``[min_key, max_key]``.  O(log n + B).
         """
-        self._check_range(start, end)
-        b, i = self._pos_of(start)
-        if b >= 0 and self._ends[b][i] > start:
-            return False
-        nb, ni = self._next_pos(b, i)
-        if nb < len(self._starts) and self._starts[nb][ni] < end:
+        if start >= end or start < self.min_key or end > self.max_key:
+            self._check_range(start, end)
+        starts = self._starts
+        b = bisect_right(self._firsts, start) - 1
+        if b >= 0:
+            sb = starts[b]
+            i = bisect_right(sb, start) - 1
+            if self._ends[b][i] > start:
+                return False
+            if i + 1 < len(sb):
+                nb, ni = b, i + 1
+            else:
+                nb, ni = b + 1, 0
+        else:
+            i = -1
+            nb, ni = 0, 0
+        if nb < len(starts) and starts[nb][ni] < end:
             return False
         self._insert_merging(b, i, nb, ni, start, end, value)
         return True
@@ -615,7 +657,9 @@ class SegmentSet(Generic[V]):
         if b >= 0 and self._ends[b][i] == start and self._can_merge(self._vals[b][i], value):
             self._ends[b][i] = end
             self._total += end - start
-            self._fix_gap_after(b, i)
+            # The follower's gap shrinks (bounds stay valid); then it may merge.
+            if nb < len(self._starts):
+                self._gaps[nb][ni] = self._starts[nb][ni] - end
             self._try_merge_next(b, i)
             return
         if (
@@ -629,7 +673,7 @@ class SegmentSet(Generic[V]):
             self._total += end - start
             if ni == 0:
                 self._firsts[nb] = start
-            self._set_gap(nb, ni, start - (self._ends[b][i] if b >= 0 else self.min_key))
+            self._gaps[nb][ni] = start - (self._ends[b][i] if b >= 0 else self.min_key)
             return
         self._insert_at(nb, ni, start, end, value)
 
@@ -674,11 +718,15 @@ class SegmentSet(Generic[V]):
         Raises ``KeyError`` (changing nothing) when no single segment holds
         the whole range.  O(log n + B).
         """
-        self._check_range(start, end)
-        b, i = self._pos_of(start)
-        if b < 0 or self._ends[b][i] < end:
+        if start >= end or start < self.min_key or end > self.max_key:
+            self._check_range(start, end)
+        b = bisect_right(self._firsts, start) - 1
+        if b < 0:
             raise KeyError(start)
         sb, eb = self._starts[b], self._ends[b]
+        i = bisect_right(sb, start) - 1
+        if eb[i] < end:
+            raise KeyError(start)
         s, e = sb[i], eb[i]
         v = self._vals[b][i]
         if s == start:
