@@ -1,0 +1,109 @@
+"""A map of a memory file for the demo: what each part of the file holds.
+
+The allocator's ``str(mf)`` lists its usage set, one segment per line
+(``[0x0, 0x4000) PAGE_CACHE committed refs=1``), then the freed ranges that
+wait for the releaser (``[0x4000, 0x6000) freed committed``); segments being
+released right now read ``releasing ...``.  It is a pure function of the
+allocator's state, so the demo reads the map from it, page by page, and
+remembers which pages were ever used: a page that was used and is now in
+neither list has been returned to the kernel ("released").
+
+Each page gets one state; the file is then cut into ``cells`` equal cells and
+each cell shows the state that holds most of its pages.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .. import PAGE_SIZE, MemoryKind
+
+__all__ = [
+    "FREED",
+    "LIVE_BASE",
+    "NEVER_USED",
+    "RELEASED",
+    "CellMap",
+    "FileMap",
+    "parse_segments",
+]
+
+NEVER_USED = 0
+"""A page no allocation has touched yet (sparse: it costs nothing)."""
+RELEASED = 1
+"""A page that was used, then freed and returned to the kernel."""
+FREED = 2
+"""A freed page the releaser has not returned yet (it may be recycled)."""
+LIVE_BASE = 3
+"""Live pages have state ``LIVE_BASE + kind`` (one state per MemoryKind)."""
+
+_LINE = re.compile(r"^\[(0x[0-9a-fA-F]+), (0x[0-9a-fA-F]+)\) (\S+)")
+
+
+def parse_segments(text: str) -> list[tuple[int, int, int]]:
+    """Turn ``str(mf)`` into ``(start, end, state)`` triples.
+
+    Lines that do not parse (or name no known kind) are skipped, so a change
+    of the format makes the map poorer, never the demo fail.  Pure.
+    """
+    out: list[tuple[int, int, int]] = []
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if m is None:
+            continue
+        start, end, word = int(m.group(1), 16), int(m.group(2), 16), m.group(3)
+        if word in ("freed", "releasing"):
+            state = FREED
+        else:
+            try:
+                state = LIVE_BASE + int(MemoryKind[word])
+            except KeyError:
+                continue
+        if 0 <= start < end:
+            out.append((start, end, state))
+    return out
+
+
+@dataclass(frozen=True)
+class CellMap:
+    """The file cut into cells: ``states[i]`` is the dominant state of cell
+    ``i``, which covers ``cell_size`` bytes."""
+
+    states: bytes
+    cell_size: int
+    file_size: int
+
+
+class FileMap:
+    """Page states of one memory file, updated from ``str(mf)``."""
+
+    def __init__(self) -> None:
+        self._touched = bytearray()  # 1 for every page ever live or freed
+
+    def update(self, text: str, file_size: int, cells: int) -> CellMap:
+        """Read the current map from ``text`` (``str(mf)``) for a file of
+        ``file_size`` bytes and cut it into ``cells`` cells.  Cost: O(pages)
+        at C speed plus O(segments) in Python."""
+        pages = max(1, file_size // PAGE_SIZE)
+        if len(self._touched) < pages:
+            self._touched.extend(bytes(pages - len(self._touched)))
+        states = bytearray(self._touched[:pages])  # RELEASED where touched, else NEVER_USED
+        touched = self._touched
+        for start, end, state in parse_segments(text):
+            a, b = start // PAGE_SIZE, min(pages, -(-end // PAGE_SIZE))
+            if a >= b:
+                continue
+            states[a:b] = bytes((state,)) * (b - a)
+            touched[a:b] = b"\x01" * (b - a)
+        per_cell = max(1, -(-pages // max(1, cells)))
+        out = bytearray()
+        for c in range(0, pages, per_cell):
+            chunk = bytes(states[c : c + per_cell])
+            best, best_n = NEVER_USED, -1
+            for state in sorted(set(chunk), reverse=True):  # ties go to live, then freed
+                n = chunk.count(state)
+                if n > best_n:
+                    best, best_n = state, n
+            out.append(best)
+        return CellMap(bytes(out), per_cell * PAGE_SIZE, file_size)
