@@ -61,6 +61,7 @@ format; the method here only forwards.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -94,6 +95,7 @@ log = logging.getLogger("aiopgalloc")
 _PAGE_MASK = PAGE_SIZE - 1
 _SYSTEM = MemoryKind.SYSTEM
 _MAX_OFFSET = (1 << 63) - 1  # file offsets are signed 64-bit
+_PUNCH_LOG = 8192  # punched ranges remembered for racing usage scans
 # The whole file must be mappable (user space is 2**47 bytes on x86-64), and
 # the chunk table must stay small: refuse to grow past this.
 _MAX_FILE_SIZE = 1 << 47
@@ -183,6 +185,10 @@ class MemoryFile:
         self._releasing_committed = 0  # of which known committed (still SYSTEM)
         self._known_committed = 0
         self._commit_seq = 0  # bumped whenever pages are punched out
+        # (seq, start, end) of recent punches, so a usage scan that raced with
+        # them can drop just those pages instead of starting over.
+        self._punched: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._punched_dropped = 0  # the highest seq no longer in _punched
         self._wake_pending = False
         self._evictions: Evictions | None = None  # set by the lifecycle code
         # Counters for stats().
@@ -209,6 +215,17 @@ class MemoryFile:
     def closed(self) -> bool:
         """Whether the file's ``async with`` block has ended."""
         return self._closed
+
+    def _note_punched_locked(self, ranges: list[tuple[int, int]]) -> None:
+        """Record that ``ranges`` are (being) punched: bump the sequence
+        number usage scans check.  Precondition: _mu held."""
+        self._commit_seq += 1
+        seq = self._commit_seq
+        log_ = self._punched
+        for s, e in ranges:
+            if len(log_) >= _PUNCH_LOG:
+                self._punched_dropped = log_.popleft()[0]
+            log_.append((seq, s, e))
 
     def _check_open(self) -> None:
         if self._closed:

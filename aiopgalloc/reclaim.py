@@ -138,7 +138,7 @@ def finish_release(mf: MemoryFile, batch: ReleaseBatch) -> None:
         if batch.committed_bytes:
             mf.accounting.dec(batch.committed_bytes, MemoryKind.SYSTEM)
             mf._known_committed -= batch.committed_bytes
-        mf._commit_seq += 1
+        mf._note_punched_locked(batch.ranges)
         mf.releases += 1
         mf.bytes_released += batch.nbytes
 
@@ -185,7 +185,7 @@ def plan_decommit(mf: MemoryFile, start: int, end: int) -> DecommitPlan:
                 waste_pieces.append((cur, nxt, w[2]))
             cur = nxt
         batch = take_waste_batch_locked(mf, waste_pieces)
-        mf._commit_seq += 1
+        mf._note_punched_locked(live + batch.ranges)
         return DecommitPlan(live, batch)
 
 
@@ -204,7 +204,7 @@ def finish_decommit(mf: MemoryFile, plan: DecommitPlan) -> None:
                 mf._known_committed -= b - a
             usage.merge_range(s, e)
             usage.merge_adjacent(s, e)
-        mf._commit_seq += 1
+        mf._note_punched_locked(plan.live)
 
 
 def small_batch(mf: MemoryFile, nbytes: int, nranges: int) -> bool:

@@ -21,9 +21,12 @@ up again once touched) nor pages committed by ``fallocate`` and never
 written; fstat sees both, which is why the skip check uses fstat.
 
 The scan runs in a worker thread without the lock.  Pages may be punched
-meanwhile (a release or a decommit): every punch bumps ``_commit_seq``, and
-a scan whose sequence number is stale is thrown away and redone, so a page
-that was punched during the scan is never marked committed.
+meanwhile (a release or a decommit): every punch bumps ``_commit_seq`` and
+is remembered (the last 8,192 ranges); a scan whose sequence number is stale
+leaves out the pages punched since it was planned, so a page punched during
+the scan is never marked committed, and a scan racing with a busy releaser
+still counts everything else.  Only when more punches happened than are
+remembered is the scan redone.
 """
 
 from __future__ import annotations
@@ -69,14 +72,43 @@ def plan_scan(mf: MemoryFile) -> tuple[int, list[tuple[int, int]]] | None:
         return mf._commit_seq, spans
 
 
+def _subtract(runs: list[tuple[int, int]], cut: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``runs`` minus the ranges in ``cut`` (both lists of half-open ranges)."""
+    out: list[tuple[int, int]] = []
+    cut = sorted(cut)
+    for rs, re_ in runs:
+        pieces = [(rs, re_)]
+        for cs, ce in cut:
+            if ce <= rs:
+                continue
+            if cs >= re_:
+                break
+            nxt: list[tuple[int, int]] = []
+            for ps, pe in pieces:
+                if ce <= ps or cs >= pe:
+                    nxt.append((ps, pe))
+                    continue
+                if ps < cs:
+                    nxt.append((ps, cs))
+                if ce < pe:
+                    nxt.append((ce, pe))
+            pieces = nxt
+        out.extend(pieces)
+    return out
+
+
 def apply_scan(mf: MemoryFile, seq: int, runs: list[tuple[int, int]]) -> bool:
-    """Mark resident runs known committed.  Returns False (changing
-    nothing) if pages were punched meanwhile: the caller rescans."""
+    """Mark resident runs known committed.  Pages punched since the scan
+    was planned are left out (their residency may be stale).  Returns False,
+    changing nothing, only when too many punches happened to know which: the
+    caller rescans."""
     with mf._mu:
         if mf._closed:
             return True
         if seq != mf._commit_seq:
-            return False
+            if mf._punched_dropped > seq:
+                return False
+            runs = _subtract(runs, [(s, e) for q, s, e in mf._punched if q > seq])
         usage, acct = mf._usage, mf.accounting
         for rs, re_ in runs:
             changed = False

@@ -431,9 +431,9 @@ async def test_recycled_pages_are_accounted_to_the_new_kind() -> None:
         mf.check_invariants()
 
 
-async def test_scan_racing_with_decommit_is_redone() -> None:
+async def test_scan_racing_with_decommit_drops_only_the_punched_pages() -> None:
     async with open_memory_file() as mf:
-        fr = mf.allocate(4 * P)
+        fr = mf.allocate(8 * P)
         write(mf, fr, 5)
         from aiopgalloc import usage_scan
 
@@ -441,10 +441,32 @@ async def test_scan_racing_with_decommit_is_redone() -> None:
         assert plan is not None
         seq, spans = plan
         runs = usage_scan.scan(mf, spans)
-        await mf.decommit(fr)  # punches while the "scan" was in flight
-        assert not usage_scan.apply_scan(mf, seq, runs)  # stale: refused
+        # Punch half while the "scan" was in flight: its residency is stale.
+        await mf.decommit(FileRange(fr.start, fr.start + 4 * P))
+        assert usage_scan.apply_scan(mf, seq, runs)
+        # Only the pages not punched meanwhile are counted.
+        assert mf.accounting.snapshot().anonymous == 4 * P
+        mf.check_invariants()
         await mf.update_usage()
-        assert mf.accounting.snapshot().anonymous == 0
+        assert mf.accounting.snapshot().anonymous == 4 * P
+
+
+async def test_scan_is_redone_when_too_many_punches_raced() -> None:
+    from aiopgalloc import usage_scan
+    from aiopgalloc.memory_file import _PUNCH_LOG
+
+    async with open_memory_file() as mf:
+        fr = mf.allocate(4 * P)
+        write(mf, fr, 5)
+        plan = usage_scan.plan_scan(mf)
+        assert plan is not None
+        seq, spans = plan
+        runs = usage_scan.scan(mf, spans)
+        with mf._mu:  # more punches than the log remembers
+            mf._note_punched_locked([(0, P)] * (_PUNCH_LOG + 1))
+        assert not usage_scan.apply_scan(mf, seq, runs)
+        await mf.update_usage()
+        assert mf.accounting.snapshot().anonymous == 4 * P
         mf.check_invariants()
 
 
