@@ -77,6 +77,8 @@ def _prepare_fd(file: int | _HasFileno | None, opts: MemoryFileOpts) -> tuple[in
         memfd.truncate(fd, 0)
         memfd.truncate(fd, opts.chunk_size)
         sealed = memfd.seal_shrink(fd) if file is None else False
+        if sealed:
+            memfd.seal_seals(fd)
     except BaseException:
         if created:
             os.close(fd)

@@ -224,9 +224,15 @@ async def decommit(mf: MemoryFile, start: int, end: int) -> None:
                 perform, mf, ranges, limiter=mf._limiter
             )
         plan.waste.performed = True
-    finally:
-        finish_decommit(mf, plan)
+    except BaseException:
+        # Neither punched nor zeroed by hand: leave the books as they were
+        # (a call that raises changes nothing).  The freed pages go back to
+        # the waste set; the live pages keep their flags.
+        finish_release(mf, plan.waste)
         mf._on_progress()
+        raise
+    finish_decommit(mf, plan)
+    mf._on_progress()
 
 
 async def run_releaser(

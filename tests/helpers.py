@@ -6,13 +6,20 @@ mappings of real memfds, and snapshot the allocator through its public calls.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gc
 import os
 import struct
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import anyio.from_thread
+from anyio.from_thread import BlockingPortal
 
 from aiopgalloc import PAGE_SIZE, AccessType, FileRange, MemoryFile, MemoryStats
 
@@ -123,3 +130,100 @@ def run_child(code: str, *, pass_fds: tuple[int, ...] = (), close_fds: bool = Tr
         text=True,
         timeout=60,
     )
+
+
+# ------------------------------------------------ reliability-suite helpers
+
+FUZZ_LONG = os.environ.get("AIOPGALLOC_FUZZ", "").lower() == "long"
+"""``AIOPGALLOC_FUZZ=long`` selects the long profile of the model, stress
+and security tests (many times the steps and operations of a CI run)."""
+
+# Idle worker threads the event loops keep around for a while (anyio's on
+# asyncio, trio's thread cache): not leaks.
+_WORKER_THREAD_PREFIXES = ("AnyIO worker thread", "Trio thread")
+
+
+def backend_id(anyio_backend: tuple[str, dict[str, Any]]) -> str:
+    """``asyncio``, ``asyncio+uvloop`` or ``trio``: the ids conftest uses."""
+    name, options = anyio_backend
+    return name + ("+uvloop" if options.get("use_uvloop") else "")
+
+
+@contextlib.contextmanager
+def blocking_portal(anyio_backend: tuple[str, dict[str, Any]]) -> Iterator[BlockingPortal]:
+    """An event loop of the given backend running in a background thread.
+
+    Synchronous test code (a hypothesis state machine) calls the memory
+    file's sync methods directly and its async ones with ``portal.call``."""
+    name, options = anyio_backend
+    with anyio.from_thread.start_blocking_portal(backend=name, backend_options=options) as portal:
+        yield portal
+
+
+def non_worker_threads() -> set[threading.Thread]:
+    """Every live thread except the event loops' idle worker threads."""
+    return {t for t in threading.enumerate() if not t.name.startswith(_WORKER_THREAD_PREFIXES)}
+
+
+def memfd_mappings(name: str = "memfd:aiopgalloc") -> list[str]:
+    """The lines of /proc/self/maps that map a memfd called ``name``
+    (garbage is collected first: a dropped view unmaps when collected)."""
+    gc.collect()
+    with open("/proc/self/maps") as f:
+        return [line.rstrip("\n") for line in f if name in line]
+
+
+def memfd_fds(name: str = "memfd:aiopgalloc") -> list[int]:
+    """This process's fds that refer to a memfd called ``name``."""
+    out = []
+    for fd in open_fds():
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if name in target:
+            out.append(fd)
+    return out
+
+
+def page_stamps(mf: MemoryFile, start: int, end: int) -> bytes:
+    """The first byte of every page of ``[start, end)``, read through
+    ``map_internal`` (one strided copy per view).  Touches those pages: call
+    it only on pages known to be allocated."""
+    out = []
+    for v in mf.map_internal(FileRange(start, end), AccessType.READ):
+        out.append(v[::P].tobytes())
+        v.release()
+    return b"".join(out)
+
+
+def write_page_stamps(mf: MemoryFile, fr: FileRange, stamps: bytes) -> None:
+    """Write ``stamps[i]`` as the first byte of page ``i`` of ``fr``."""
+    pos = 0
+    for v in mf.map_internal(fr, AccessType.WRITE):
+        n = len(v) // P
+        v[::P] = stamps[pos : pos + n]
+        pos += n
+        v.release()
+    assert pos == len(stamps)
+
+
+def data_runs(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The runs of ``[start, end)`` that hold data (SEEK_DATA/SEEK_HOLE on
+    ``fd``; use a private description: the walk moves its offset).  Pages
+    outside them are holes and read as zero."""
+    runs = []
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            raise
+        if data >= end:
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        runs.append((data, min(hole, end)))
+        pos = hole
+    return runs

@@ -57,7 +57,17 @@ def create_memfd(name: str = "aiopgalloc") -> int:
     a few microseconds.  Raises ``OSError`` (``EMFILE``/``ENFILE``: out of fds,
     ``EINVAL``: name longer than 249 bytes).
     """
-    return os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        # A memfd is born with mode 0777, and opening /proc/<pid>/fd/N checks
+        # the inode's mode, not the fd's: anyone holding a read-only share
+        # could reopen it read-write.  Read-only for everyone (root aside);
+        # fds already open keep their access.
+        os.fchmod(fd, 0o444)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def truncate(fd: int, size: int) -> None:
@@ -101,11 +111,13 @@ def get_seals(fd: int) -> int:
 
 
 def reopen(fd: int, readonly: bool) -> int:
-    """Open the same file again through ``/proc/self/fd/<fd>`` and return the new fd.
+    """A new fd of the same file, for sharing; the caller owns it.
 
-    The result is a new, independent open file description (its own offset
-    and access mode), ``O_RDONLY`` or ``O_RDWR``, always ``O_CLOEXEC``; the
-    caller owns it.  A read-only one cannot write, cannot be mapped
+    Read-only: the file is opened again through ``/proc/self/fd/<fd>``, a new
+    open file description (its own offset), ``O_RDONLY | O_CLOEXEC``.
+    Read-write: a close-on-exec duplicate of ``fd`` (``F_DUPFD_CLOEXEC``; it
+    shares the offset), since a memfd made by :func:`create_memfd` is mode
+    0444 and cannot be opened for writing again.  A read-only one cannot write, cannot be mapped
     ``PROT_WRITE`` with ``MAP_SHARED`` and cannot ``ftruncate`` the file,
     which is what makes it safe to hand to another process.  Cost: one path
     lookup and open, a few microseconds.  Raises ``OSError``
@@ -113,8 +125,23 @@ def reopen(fd: int, readonly: bool) -> int:
     """
     if fd < 0:
         raise ValueError(f"bad fd {fd}")
-    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-    return os.open(f"/proc/self/fd/{fd}", flags)
+    if not readonly:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def seal_seals(fd: int) -> bool:
+    """Add ``F_SEAL_SEAL``: nobody (a holder of a read-write share included)
+    can add seals any more, such as ``F_SEAL_GROW`` or ``F_SEAL_FUTURE_WRITE``,
+    which would stop the allocator from growing or mapping the file.  Returns
+    False when the fd cannot be sealed."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EPERM):
+            return False
+        raise
+    return True
 
 
 def ima_workaround(fd: int, page_size: int) -> OSError | None:

@@ -1,0 +1,22 @@
+"""The benchmark suite behind ``python -m aiopgalloc bench``.
+
+One module per workload; each measures aiopgalloc side by side with what a
+user would pick instead, in one process, with the contenders' repetitions
+interleaved (their order rotated every round) and medians reported:
+
+1. ``churn``       allocate / write / free against mmap, shared_memory, a
+                   hand-written first-fit free list and pyarrow
+2. ``scaling``     allocate + dec_ref cost from 1k to 1M live segments
+3. ``release``     freeing 1 GiB of 4 KiB pages until the kernel holds none,
+                   against the bare punch-hole calls
+4. ``usage_scan``  ``update_usage()`` against the bare mincore walk
+5. ``eviction``    pressure notification to the first ``evict()`` call
+6. ``memory``      Python heap bytes per live segment (tracemalloc)
+7. ``commit``      ``allocate(commit=...)`` modes against first-touch faults
+8. ``checkpoint``  save / load throughput (informational)
+
+``aiopgalloc._cli.bench`` parses the command line and runs them;
+``common`` holds the configuration, the result types and the machine
+description; ``report`` prints the table, writes the JSON and draws the PNG.
+Nothing here is imported by the library itself.
+"""

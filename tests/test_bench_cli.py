@@ -1,0 +1,219 @@
+"""``python -m aiopgalloc bench``: the command runs end to end and writes a
+complete JSON document; the peers and plans the workloads rely on are right.
+
+The end-to-end run uses the hidden ``--smoke`` sizes (workloads 2 and 6 in a
+few seconds): it checks the plumbing, not the numbers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aiopgalloc import PAGE_SIZE
+from aiopgalloc._bench import release
+from aiopgalloc._bench.churn import make_plan
+from aiopgalloc._bench.common import Row, Target, WorkloadResult
+from aiopgalloc._bench.peers import FirstFitArena
+from aiopgalloc._bench.report import format_table
+from aiopgalloc._cli import bench
+
+P = PAGE_SIZE
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run_bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "aiopgalloc", "bench", *args, "--json", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, json.loads(out.read_text())
+
+
+def _numbers(x: Any) -> list[float]:
+    if isinstance(x, bool):
+        return []
+    if isinstance(x, int | float):
+        return [float(x)]
+    if isinstance(x, dict):
+        return [n for v in x.values() for n in _numbers(v)]
+    if isinstance(x, list):
+        return [n for v in x for n in _numbers(v)]
+    return []
+
+
+def test_bench_smoke_writes_machine_workloads_and_numbers(tmp_path: Path) -> None:
+    proc, doc = _run_bench(
+        tmp_path, "--quick", "--smoke", "--workloads", "2,6", "--backend", "asyncio"
+    )
+    # The table, with targets and verdicts, goes to stdout.
+    assert "alloc+dec_ref" in proc.stdout
+    assert "heap bytes per segment" in proc.stdout
+    assert "<= 2x" in proc.stdout and "<= 250 B" in proc.stdout
+    assert "PASS" in proc.stdout or "MISS" in proc.stdout
+    # Progress went to stderr, one line per step (not a terminal: no rich bar).
+    assert "workload 2" in proc.stderr and "workload 6" in proc.stderr
+
+    machine = doc["machine"]
+    for key in ("platform", "kernel", "cpu_model", "cpu_count", "memory_total", "hostname"):
+        assert key in machine
+    assert machine["cpu_count"] >= 1 and machine["memory_total"] > 0
+    for pkg in ("aiopgalloc", "anyio", "trio", "uvloop", "sortedcontainers", "python"):
+        assert pkg in machine["packages"]
+    assert machine["packages"]["anyio"] and machine["packages"]["python"]
+
+    cfg = doc["config"]
+    assert cfg["backends"] == ["asyncio"] and cfg["workloads"] == [2, 6]
+    assert cfg["smoke"] and cfg["repetitions"] == 3
+
+    assert set(doc["workloads"]) == {"2", "6"}
+    scaling, memory = doc["workloads"]["2"], doc["workloads"]["6"]
+    assert scaling["backends"] == ["asyncio"]
+    for series in scaling["results"]["series"].values():
+        assert [p["live_segments"] for p in series] == [1_000, 4_000]
+        for p in series:
+            assert p["median_us_per_op"] > 0 and len(p["samples_us_per_op"]) == 3
+    per = memory["results"]["bytes_per_segment"]
+    assert 20 < per < 2_000
+    assert memory["results"]["segments"] == 10_000
+
+    # Every target row carries a number, its target and a verdict.
+    assert doc["targets"], "no target rows"
+    for t in doc["targets"]:
+        assert isinstance(t["ratio"], float) and t["ratio"] > 0
+        assert t["target_op"] in (">=", "<=") and t["target_value"] > 0
+        assert isinstance(t["pass"], bool)
+    assert doc["summary"]["targets"] == len(doc["targets"])
+    nums = _numbers(doc["workloads"])
+    assert nums and all(math.isfinite(n) for n in nums)
+
+
+def test_bench_smoke_every_workload_every_backend(tmp_path: Path) -> None:
+    """All eight workloads at smoke size on every backend: each reports rows,
+    the per-backend ones once per backend, and nothing warns (a memoryview
+    left alive when a file closes, a task that failed)."""
+    proc, doc = _run_bench(tmp_path, "--smoke")
+    assert set(doc["workloads"]) == {str(k) for k in range(1, 9)}
+    backends = doc["config"]["backends"]
+    assert backends[0] == "asyncio"
+    for key, w in doc["workloads"].items():
+        assert w["rows"], f"workload {key} has no rows"
+        assert w["backends"] == (backends if key in ("3", "4", "5") else ["asyncio"])
+    release_rows = [t for t in doc["targets"] if t["workload"] == 3]
+    assert len(release_rows) == len(backends)
+    churn = doc["workloads"]["1"]["results"]["median_steps_per_s"]
+    assert {"aiopgalloc", "mmap", "shared_memory", "free list"} <= set(churn)
+    assert all(v > 0 for v in churn.values())
+    noise = [
+        line
+        for line in proc.stderr.splitlines()
+        if line.strip() and not line.lstrip().startswith("[") and not line.startswith("done in")
+    ]
+    assert not noise, "\n".join(noise)
+
+
+def test_bench_png_when_matplotlib(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    _, doc = _run_bench(
+        tmp_path, "--smoke", "--workloads", "2", "--backend", "asyncio", "--no-progress"
+    )
+    png = Path(doc["png"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--workloads", "9"], ["--workloads", "x"], ["--backend", "tokio"]):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(argv)
+        assert exc.value.code == 2
+    assert "no workload 9" in capsys.readouterr().err
+
+
+def test_first_fit_arena_against_a_model() -> None:
+    """The hand-written peer is a correct first-fit allocator: it returns the
+    lowest fitting offset, never overlaps, and coalesces on free."""
+    rng = random.Random(3)
+    cap = 256 * P
+    arena = FirstFitArena(cap)
+    model = bytearray(cap // P)  # 1 = allocated
+    live: list[tuple[int, int]] = []
+    try:
+        for _ in range(3_000):
+            if live and (rng.random() < 0.5 or len(live) > 40):
+                s, n = live.pop(rng.randrange(len(live)))
+                arena.free(s, n)
+                model[s // P : (s + n) // P] = bytes(n // P)
+            else:
+                n = rng.randint(1, 8) * P
+                want = model.find(bytes(n // P))
+                if want < 0:
+                    with pytest.raises(MemoryError):
+                        arena.alloc(n)
+                    continue
+                s = arena.alloc(n)
+                assert s == want * P
+                model[s // P : (s + n) // P] = b"\x01" * (n // P)
+                live.append((s, n))
+            # Free runs are sorted, disjoint, maximally merged, and exactly the holes.
+            runs = list(zip(arena.starts, arena.lengths, strict=True))
+            for (s0, n0), (s1, _) in itertools.pairwise(runs):
+                assert s0 + n0 < s1
+            assert sum(arena.lengths) == model.count(0) * P
+        for s, n in live:
+            arena.free(s, n)
+        assert (arena.starts, arena.lengths) == ([0], [cap])
+    finally:
+        arena.close()
+
+
+def test_release_plans() -> None:
+    pages = 6_000
+    order = release.freeing_order(pages)
+    assert sorted(order) == list(range(pages)) and order[:3] == [0, 2, 4]
+    merged = release.plan_merged(pages)
+    assert merged == [(0, pages * P)]
+    assert len(release.plan_merged((300 << 20) // P)) == 3  # cut at 128 MiB
+    online = release.plan_online(order, pages, batch=1000)
+    # Even phase: nothing touches, one range per page; odd phase: every gap
+    # is already punched, one range per batch.
+    assert [len(b) for b in online] == [1000, 1000, 1000, 1, 1, 1]
+    covered = sorted({p for batch in online for s, e in batch for p in range(s // P, e // P)})
+    assert covered == list(range(pages))
+
+
+def test_churn_plan_is_the_same_for_everyone() -> None:
+    a = make_plan(7, 100, 1_000, 3)
+    b = make_plan(7, 100, 1_000, 3)
+    assert a == b
+    assert sum(len(v) for v, _ in a.windows) == 1_000
+    sizes = a.initial + [s for _, w in a.windows for s in w]
+    assert all(s % P == 0 and P <= s <= 1024 * P for s in sizes)
+    assert all(0 <= i < 100 for v, _ in a.windows for i in v)
+
+
+def test_table_marks_pass_and_miss() -> None:
+    r = WorkloadResult(key=1, name="x", title="x", backends=["asyncio"], params={})
+    r.rows = [
+        Row("good", "3/s", "1/s", 3.0, target=Target(">=", 2)),
+        Row("bad", "1/s", "1/s", 1.0, target=Target(">=", 2)),
+        Row("info", "5 us", ratio=None),
+    ]
+    text = format_table([r])
+    assert "PASS" in text and "MISS" in text and ">= 2x" in text
+    assert r.rows[0].passed is True and r.rows[1].passed is False and r.rows[2].passed is None
