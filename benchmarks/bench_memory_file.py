@@ -54,7 +54,6 @@ import argparse
 import contextlib
 import cProfile
 import gc
-import importlib.metadata
 import io
 import json
 import mmap
@@ -65,8 +64,6 @@ import random
 import resource
 import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from multiprocessing import shared_memory
@@ -76,6 +73,7 @@ from typing import Any
 import anyio
 
 from aiopgalloc import PAGE_SIZE, FileRange, MemoryFile, MemoryFileOpts, open_memory_file
+from aiopgalloc._bench.common import machine_info
 from aiopgalloc.host import syscalls
 
 LIVE = 10_000
@@ -532,61 +530,6 @@ def profile_workload1(duration: float) -> str:
 
 
 # ------------------------------------------------------------------ output
-
-
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def _git() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return {"commit": head, "dirty": bool(dirty)}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "kernel": platform.release(),
-        "python": sys.version,
-        "implementation": platform.python_implementation(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)),
-        "cpu_model": _cpu_model(),
-        "loadavg_start": os.getloadavg(),
-        "page_size": PAGE_SIZE,
-        "packages": {
-            n: _version(n) for n in ("aiopgalloc", "anyio", "trio", "uvloop", "sortedcontainers")
-        },
-        "git": _git(),
-    }
 
 
 def final_table(results: dict[str, Any]) -> None:

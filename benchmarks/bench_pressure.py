@@ -49,15 +49,12 @@ machine's description to ``benchmarks/results/pressure-<hostname>.json``.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import platform
 import queue
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -76,6 +73,7 @@ from aiopgalloc import (
     MemoryKind,
     open_memory_file,
 )
+from aiopgalloc._bench.common import machine_info
 from aiopgalloc.host.cgroup import create_child_memcg, current_memory_cgroup, remove_child
 from aiopgalloc.host.pressure import CgroupV1Pressure, ManualPressure, PressureLevel
 
@@ -350,62 +348,6 @@ async def run_backend(n: int, storm_s: float, v1_dir: Path | None) -> dict[str, 
 
 
 # ------------------------------------------------------------------ output
-
-
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def _git() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return {"commit": head, "dirty": bool(dirty)}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-
-
-def machine_info() -> dict[str, Any]:
-    """Where the numbers come from."""
-    memcg = current_memory_cgroup()
-    return {
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "kernel": platform.release(),
-        "python": sys.version,
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)),
-        "cpu_model": _cpu_model(),
-        "loadavg_start": os.getloadavg(),
-        "memory_cgroup": None if memcg is None else f"v{memcg.version} {memcg.path}",
-        "packages": {
-            n: _version(n) for n in ("aiopgalloc", "anyio", "trio", "uvloop", "sortedcontainers")
-        },
-        "git": _git(),
-    }
 
 
 def _table(results: dict[str, dict[str, Any]]) -> None:
