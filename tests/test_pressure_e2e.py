@@ -448,17 +448,30 @@ async def test_a_real_psi_stall_evicts_the_cache(
     source = PsiTrigger(v2_cgroup / "memory.pressure", "some", 1_000, 2_000_000)
     async with open_memory_file(opts=_psi_opts(source)) as mf:
         cache = Cache(mf, 64)
-        _drop_from_page_cache(big_file)
         t0 = time.monotonic()
         script = (
             f"echo $$ > {limited_cgroup}/cgroup.procs && echo $$ > {v2_cgroup}/cgroup.procs"
             f" && exec cat {big_file} > /dev/null"
         )
-        await anyio.run_process(["sh", "-c", script])
-        read_took = time.monotonic() - t0
-        with anyio.fail_after(8):
-            while cache.entries:
-                await anyio.sleep(0.01)
+        # Whether a read stalls long enough depends on the host's load: read
+        # again (up to 4 times, each followed by a PSI window) until the
+        # trigger fires.
+        read_took = 0.0
+        for _attempt in range(4):
+            _drop_from_page_cache(big_file)
+            r0 = time.monotonic()
+            await anyio.run_process(["sh", "-c", script])
+            read_took += time.monotonic() - r0
+            with anyio.move_on_after(3):
+                while cache.entries:
+                    await anyio.sleep(0.01)
+            if not cache.entries:
+                break
+        if cache.entries:
+            total = (v2_cgroup / "memory.pressure").read_text().split()[4]
+            if total == "total=0":
+                _skip("the reads never stalled the cgroup (PSI recorded no stall): nothing to see")
+            raise AssertionError(f"the cgroup stalled ({total} us) but no eviction followed")
         assert await mf.wait_for_evictions(5)
         stats = mf.stats().evictions
         stall = (v2_cgroup / "memory.pressure").read_text().split()
