@@ -101,8 +101,8 @@ _PUNCH_LOG = 8192  # punched ranges remembered for racing usage scans
 _MAX_FILE_SIZE = 1 << 47
 
 
-def _validate_range(fr: object, what: str) -> tuple[int, int]:
-    """Check a page-aligned, non-empty, well-formed range; return its bounds."""
+def _range_bounds(fr: object, what: str) -> tuple[int, int]:
+    """Check a non-empty, well-formed range of int bounds; return them."""
     if not isinstance(fr, tuple) or len(fr) != 2:
         raise TypeError(f"{what}: expected a FileRange, got {type(fr).__name__}")
     start, end = fr
@@ -116,6 +116,12 @@ def _validate_range(fr: object, what: str) -> tuple[int, int]:
         start, end = int(start), int(end)
     if start < 0 or end <= start:
         raise ValueError(f"{what}: empty, negative or ill-formed range {fr!r}")
+    return start, end
+
+
+def _validate_range(fr: object, what: str) -> tuple[int, int]:
+    """Check a page-aligned, non-empty, well-formed range; return its bounds."""
+    start, end = _range_bounds(fr, what)
     if (start | end) & _PAGE_MASK:
         raise ValueError(f"{what}: range {fr!r} is not page-aligned")
     if end > _MAX_OFFSET:
@@ -557,19 +563,7 @@ class MemoryFile:
         """
         if not isinstance(at, AccessType):
             raise TypeError(f"at must be an AccessType, got {type(at).__name__}")
-        if not isinstance(fr, tuple) or len(fr) != 2:
-            raise TypeError(f"map_internal: expected a FileRange, got {type(fr).__name__}")
-        start, end = fr
-        if type(start) is not int or type(end) is not int:
-            if (
-                not (isinstance(start, int) and isinstance(end, int))
-                or isinstance(start, bool)
-                or isinstance(end, bool)
-            ):
-                raise TypeError(f"map_internal: range bounds must be ints, got {fr!r}")
-            start, end = int(start), int(end)
-        if start < 0 or end <= start:
-            raise ValueError(f"map_internal: empty or ill-formed range {fr!r}")
+        start, end = _range_bounds(fr, "map_internal")
         if at is not AccessType.READ_WRITE and at & AccessType.EXECUTE:
             raise PermissionError(errno.EACCES, "execute access to the memory file is refused")
         self._check_open()
