@@ -52,7 +52,6 @@ import argparse
 import json
 import os
 import platform
-import queue
 import socket
 import statistics
 import threading
@@ -74,6 +73,7 @@ from aiopgalloc import (
     open_memory_file,
 )
 from aiopgalloc._bench.common import machine_info
+from aiopgalloc._bench.eviction import Poker, Probe
 from aiopgalloc.host.cgroup import create_child_memcg, current_memory_cgroup, remove_child
 from aiopgalloc.host.pressure import CgroupV1Pressure, ManualPressure, PressureLevel
 
@@ -92,27 +92,6 @@ perf_counter = time.perf_counter
 
 
 # ------------------------------------------------------------------ pieces
-
-
-class Probe:
-    """An evictable user with one page; ``evict`` records when it is first
-    called after ``arm()`` and wakes the measuring task."""
-
-    def __init__(self, mf: MemoryFile) -> None:
-        self.mf = mf
-        self.fr = mf.allocate(P, MemoryKind.PAGE_CACHE)
-        self.hit_at: float | None = None
-        self.hit = anyio.Event()
-
-    def arm(self) -> None:
-        self.hit_at = None
-        self.hit = anyio.Event()
-        self.mf.mark_evictable(self, EvictableRange(0, P))
-
-    async def evict(self, er: EvictableRange) -> None:
-        if self.hit_at is None:
-            self.hit_at = perf_counter()
-            self.hit.set()
 
 
 class Cache:
@@ -140,33 +119,6 @@ class Cache:
             fr = self.entries.pop(slot, None)
             if fr is not None:
                 self.mf.dec_ref(fr)
-
-
-class Poker:
-    """A thread that runs one action on request, noting the time just
-    before it (so the cue from the loop is not part of the measurement)."""
-
-    def __init__(self) -> None:
-        self._q: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self.started_at = 0.0
-        self._thread = threading.Thread(target=self._run, name="poker", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            action = self._q.get()
-            if action is None:
-                return
-            time.sleep(IDLE_BEFORE_SAMPLE)  # let the loop go back to sleep
-            self.started_at = perf_counter()
-            action()
-
-    def poke(self, action: Callable[[], None]) -> None:
-        self._q.put(action)
-
-    def stop(self) -> None:
-        self._q.put(None)
-        self._thread.join()
 
 
 def _opts(source: object) -> MemoryFileOpts:
