@@ -7,7 +7,7 @@ honest per-kind accounting; on asyncio, asyncio + uvloop and trio alike.
 
 from .checkpoint import CheckpointError, load_memory_file
 from .errors import ClosedError, RefCountError
-from .eviction import EvictableMemoryUser, EvictionStats
+from .eviction_api import EvictableMemoryUser, EvictionStats
 from .lifecycle import open_memory_file
 from .memory_file import MemoryFile
 from .options import AccessType, CommitMode, DelayedEviction, MemoryFileOpts

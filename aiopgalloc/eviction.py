@@ -46,11 +46,13 @@ the file's task group: nothing outlives the ``async with`` block.
 Lock order: ``MemoryFile._mu`` is never held while calling in here, and
 ``Evictions._lock`` is never held while calling out (``evict``, the wake
 callback, spawning a task), so the two are never nested.
+
+This module is the engine; the user-facing types and argument checks are in
+``aiopgalloc.eviction_api`` (re-exported here for existing imports).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -58,12 +60,18 @@ import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .eviction_api import (
+    MAX_USER_OFFSET,
+    EvictableMemoryUser,
+    EvictionStats,
+    check_evictable_range,
+    check_user,
+)
 from .host.epoll import drain_eventfd, new_eventfd, signal_eventfd
 from .options import DelayedEviction, MemoryFileOpts
 from .ranges import EvictableRange, page_round_down
@@ -72,9 +80,6 @@ from .segments import SegmentSet
 __all__ = ["EvictableMemoryUser", "EvictionStats", "Evictions"]
 
 log = logging.getLogger("aiopgalloc.eviction")
-
-_MAX_OFFSET = 1 << 64
-"""Bounds of the user's offset space (the reference's uint64)."""
 
 _YIELD_EVERY = 64
 """An eviction task yields to the event loop at least once per this many
@@ -86,57 +91,6 @@ _EVICTING_TASK: ContextVar[int | None] = ContextVar("aiopgalloc_evicting_task", 
 ``wait_for_evictions`` can refuse to wait for the very task calling it."""
 
 
-@runtime_checkable
-class EvictableMemoryUser(Protocol):
-    """A user of the memory file that can give memory back on request.
-
-    Users are told apart by identity (they need not be hashable, and two
-    equal users are still two users).  The file keeps a reference to a user
-    while it has evictable ranges or an eviction running.
-
-    ``evict`` runs in the file's task group, on its event loop, with no lock
-    held: it may call any method of the file (``dec_ref``, ``mark_*``), but
-    not ``wait_for_evictions`` (it would wait for itself: ``RuntimeError``).
-    It must let itself be cancelled: closing the file cancels it and waits
-    for it to end.
-    """
-
-    async def evict(self, er: EvictableRange) -> None:
-        """Give back the memory behind ``er`` (in the user's own offsets),
-        which was marked evictable.  It may have been marked unevictable in
-        the meantime: then do nothing.  After the call the file treats ``er``
-        as unevictable until it is marked again.  An exception is logged and
-        counted, not propagated."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class EvictionStats:
-    """One snapshot of the eviction figures (see ``Evictions.stats``).
-
-    ``users``: users with evictable ranges or a running eviction;
-    ``evictable_bytes``: bytes marked evictable and not yet handed to
-    ``evict``; ``outstanding``: eviction tasks started and not finished
-    (queued ones included); ``started``/``finished``: eviction tasks;
-    ``evict_calls``: calls of ``evict``; ``evicted_bytes``: bytes of the
-    calls that returned normally; ``failed``: calls that raised (or were
-    cancelled by something other than the file); ``pressure_events``:
-    ``on_pressure`` notifications acted upon; ``max_pressure_level``: the
-    highest level among them (0 if none).
-    """
-
-    users: int
-    evictable_bytes: int
-    outstanding: int
-    started: int
-    finished: int
-    evict_calls: int
-    evicted_bytes: int
-    failed: int
-    pressure_events: int
-    max_pressure_level: int
-
-
 def _always(_a: None, _b: None) -> bool:
     return True
 
@@ -145,40 +99,13 @@ def _always(_a: None, _b: None) -> bool:
 class _UserState:
     user: EvictableMemoryUser
     ranges: SegmentSet[None] = field(
-        default_factory=lambda: SegmentSet(_always, max_key=_MAX_OFFSET)
+        default_factory=lambda: SegmentSet(_always, max_key=MAX_USER_OFFSET)
     )
     # True from the moment a task is queued for this user until that task
     # has settled: at most one task per user.
     evicting: bool = False
     # Bytes the running task may still hand to evict; None: all of them.
     budget: int | None = None
-
-
-def _validate_er(er: object, what: str) -> tuple[int, int]:
-    if not isinstance(er, EvictableRange):
-        raise TypeError(f"{what}: expected an EvictableRange, got {type(er).__name__}")
-    start, end = er
-    for x in (start, end):
-        if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError(f"{what}: range bounds must be ints, got {er!r}")
-    if start < 0 or end <= start or end > _MAX_OFFSET:
-        raise ValueError(f"{what}: empty, negative or ill-formed range {er!r}")
-    return int(start), int(end)
-
-
-def _is_async_callable(fn: object) -> bool:
-    if inspect.iscoroutinefunction(fn):
-        return True
-    call = getattr(fn, "__call__", None)  # noqa: B004 - an object with async __call__
-    return call is not None and inspect.iscoroutinefunction(call)
-
-
-def _validate_user(user: object, what: str) -> None:
-    evict = getattr(user, "evict", None)
-    if evict is None or not _is_async_callable(evict):
-        raise TypeError(
-            f"{what}: the user must have an async evict(er) method, got {type(user).__name__}"
-        )
 
 
 def _current_task_id() -> int | None:
@@ -257,13 +184,13 @@ class Evictions:
         bounds or a user without an async ``evict``; ``ValueError`` for an
         empty, negative or ill-formed range.  Nothing changes when it raises.
         """
-        start, end = _validate_er(er, "mark_evictable")
+        start, end = check_evictable_range(er, "mark_evictable")
         key = id(user)
         # Check a new user before taking the lock: looking up its evict may
         # run its code.  (A state in the table keeps its user alive, so the
         # id of a live user finds that user's own state.)
         if key not in self._users:
-            _validate_user(user, "mark_evictable")
+            check_user(user, "mark_evictable")
         wake = spawn = False
         with self._lock:
             state = self._users.get(key)
@@ -289,10 +216,10 @@ class Evictions:
 
         Cost: O(log n + k).  Thread-safe.  Raises as ``mark_evictable``.
         """
-        start, end = _validate_er(er, "mark_unevictable")
+        start, end = check_evictable_range(er, "mark_unevictable")
         key = id(user)
         if key not in self._users:
-            _validate_user(user, "mark_unevictable")
+            check_user(user, "mark_unevictable")
         with self._lock:
             state = self._users.get(key)
             if state is None:
@@ -308,7 +235,7 @@ class Evictions:
         ``TypeError`` for a user without an async ``evict``."""
         key = id(user)
         if key not in self._users:
-            _validate_user(user, "mark_all_unevictable")
+            check_user(user, "mark_all_unevictable")
         with self._lock:
             state = self._users.get(key)
             if state is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from .eviction import EvictionStats
+from .eviction_api import EvictionStats
 from .host import syscalls
 from .usage import MemoryStats
 

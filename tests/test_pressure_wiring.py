@@ -33,7 +33,7 @@ from aiopgalloc import (
     MemoryKind,
     open_memory_file,
 )
-from aiopgalloc.eviction import EvictionStats
+from aiopgalloc.eviction_api import EvictionStats
 from aiopgalloc.host import cgroup, pressure
 from aiopgalloc.host.cgroup import create_child_memcg, current_memory_cgroup, remove_child
 from aiopgalloc.host.pressure import (

@@ -33,7 +33,7 @@ from typing import Any
 
 import anyio
 
-from ..eviction import EvictableMemoryUser
+from ..eviction_api import EvictableMemoryUser
 from ..host.pressure import ManualPressure
 from ..lifecycle import open_memory_file
 from ..memory_file import MemoryFile
