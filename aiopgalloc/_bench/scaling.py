@@ -6,14 +6,21 @@ PAGE_CACHE, so neighbours never merge), then ``dec_ref`` of the second page
 of each, and ``wait_for_reclaim()``: every other page is live, every gap is
 one clean page, and the usage set holds N segments (checked).
 
-One operation is ``allocate(PAGE_SIZE, TMPFS)`` (a kind no live page has, so
-it merges with nothing: it lands in the lowest gap, first fit) followed by
-``dec_ref`` of a live page chosen at random (whose slot the new page takes),
-so the number of live segments stays N while frees hit every part of the
-map.  A sample is 20,000 operations (5,000 with ``--quick``), no ``await``
-among them; between samples the releaser catches up
-(``wait_for_reclaim()``).  Every file is built first and kept, so the sizes'
-samples are interleaved (order rotated every round).
+One operation is ``allocate(PAGE_SIZE, kind)``, which lands in the lowest
+free page (first fit), followed by ``dec_ref`` of a live page chosen at
+random, so frees hit every part of the map.  The kind depends on the parity
+of the page the allocation lands on (RAMDISKFS on even pages, TMPFS on odd
+ones): two touching pages never share a kind, so they never merge and the
+usage set keeps exactly N segments, sample after sample (checked).  Where
+each allocation lands is known in advance: the victims are drawn before a
+sample, and a heap of free pages replays first fit for one-page requests
+outside the timed loop; the positions are checked after it.  (An earlier
+version gave every new page the same kind: runs of them merged, and the
+1k and 10k maps fell to 2-4 segments after the first sample, so the "1k"
+baseline was not a 1k map.)  A sample is 20,000 operations (5,000 with
+``--quick``), no ``await`` among them; between samples the releaser catches
+up (``wait_for_reclaim()``).  Every file is built first and kept, so the
+sizes' samples are interleaved (order rotated every round).
 
 Two series:
 
@@ -30,6 +37,7 @@ Two series:
 from __future__ import annotations
 
 import contextlib
+import heapq
 import random
 from typing import Any
 
@@ -58,6 +66,8 @@ TITLE = "allocate + dec_ref cost vs live segments"
 P = PAGE_SIZE
 TARGET = Target("<=", 2)
 SERIES = ("untouched", "written")
+KIND_BY_PARITY = (MemoryKind.RAMDISKFS, MemoryKind.TMPFS)
+"""The kind of a new page, by the parity of its page number: neighbours differ."""
 
 
 def _sizes(cfg: Config) -> list[int]:
@@ -76,11 +86,16 @@ async def build(mf: MemoryFile, n: int) -> list[FileRange]:
     gap; return them."""
     kinds = (MemoryKind.ANONYMOUS, MemoryKind.PAGE_CACHE)
     alloc, dec_ref = mf.allocate, mf.dec_ref
+    pairs = [alloc(2 * P, kinds[k & 1]) for k in range(n)]
+    # Freed only once all are allocated, so that no allocation lands in a
+    # page freed before it: live pages at even page numbers, gaps at odd ones.
     live: list[FileRange] = []
-    for k in range(n):
-        fr = alloc(2 * P, kinds[k & 1])
+    for k, fr in enumerate(pairs):
+        if fr.start != 2 * k * P:
+            raise RuntimeError(f"fragmented map: allocation {k} at {fr.start:#x}")
         dec_ref(FileRange(fr.start + P, fr.end))
         live.append(FileRange(fr.start, fr.start + P))
+    del pairs
     await mf.wait_for_reclaim()
     segments = mf.stats().segments
     if segments != n:
@@ -96,13 +111,44 @@ def touch(mf: MemoryFile, live: list[FileRange]) -> None:
             v[0] = 1
 
 
-def sample(mf: MemoryFile, live: list[FileRange], victims: list[int]) -> float:
+class Landing:
+    """Where one-page allocations land on a built map: first fit takes the
+    lowest free page.  Replays a sample's operations on a heap of free page
+    numbers, outside the timed loop.  O(log N) an operation."""
+
+    def __init__(self, n: int) -> None:
+        self.free = list(range(1, 2 * n, 2))  # sorted: already a heap
+        self.page = [2 * k for k in range(n)]  # page number of live[k]
+
+    def plan(self, victims: list[int]) -> list[MemoryKind]:
+        """The kind of each operation's allocation (by the parity of the
+        page it will land on), advancing the replay past those operations."""
+        free, page = self.free, self.page
+        kinds = []
+        for i in victims:
+            p = heapq.heappop(free)  # the allocation comes first...
+            heapq.heappush(free, page[i])  # ...then the victim is freed
+            page[i] = p
+            kinds.append(KIND_BY_PARITY[p & 1])
+        return kinds
+
+    def check(self, live: list[FileRange]) -> None:
+        """Raise RuntimeError unless every live page is where the replay
+        put it."""
+        for k, fr in enumerate(live):
+            if fr.start != self.page[k] * P:
+                want = self.page[k] * P
+                raise RuntimeError(f"live page {k} at {fr.start:#x}, replay says {want:#x}")
+
+
+def sample(
+    mf: MemoryFile, live: list[FileRange], victims: list[int], kinds: list[MemoryKind]
+) -> float:
     """Time ``len(victims)`` operations; return seconds per operation."""
     alloc, dec_ref = mf.allocate, mf.dec_ref
-    kind = MemoryKind.TMPFS
     collect()
     t0 = perf_counter()
-    for i in victims:
+    for i, kind in zip(victims, kinds, strict=True):
         fr = alloc(P, kind)
         dec_ref(live[i])
         live[i] = fr
@@ -114,12 +160,14 @@ async def _workload(cfg: Config, progress: Progress, sizes: list[int], ops: int)
     out: dict[str, dict[int, list[float]]] = {s: {n: [] for n in sizes} for s in SERIES}
     segments: dict[str, dict[int, int]] = {s: {} for s in SERIES}
     files: dict[int, tuple[MemoryFile, list[FileRange]]] = {}
+    landings: dict[int, Landing] = {}
     build_s: dict[int, float] = {}
     async with contextlib.AsyncExitStack() as stack:
         for n in sizes:
             mf = await stack.enter_async_context(open_memory_file())
             t0 = perf_counter()
             files[n] = (mf, await build(mf, n))
+            landings[n] = Landing(n)
             build_s[n] = perf_counter() - t0
             progress.step(f"built {n:,} segments ({build_s[n]:.1f} s)")
         for series in SERIES:
@@ -132,8 +180,12 @@ async def _workload(cfg: Config, progress: Progress, sizes: list[int], ops: int)
                 for n in rotate(sizes, rep):
                     mf, live = files[n]
                     victims = [rng.randrange(n) for _ in range(ops)]
-                    out[series][n].append(sample(mf, live, victims))
+                    kinds = landings[n].plan(victims)
+                    out[series][n].append(sample(mf, live, victims, kinds))
+                    landings[n].check(live)
                     segments[series][n] = mf.stats().segments
+                    if segments[series][n] != n:
+                        raise RuntimeError(f"map of {n:,} now has {segments[series][n]:,} segments")
                     await mf.wait_for_reclaim()
                     progress.step(f"{series} map, {n:,} segments, repetition {rep + 1}/{cfg.reps}")
     return {"samples": out, "segments": segments, "build_s": build_s}
@@ -153,7 +205,7 @@ def run(cfg: Config, progress: Progress) -> WorkloadResult:
         params={
             "live_segments": sizes,
             "ops_per_sample": ops,
-            "operation": "allocate(PAGE_SIZE, TMPFS) + dec_ref(random live page)",
+            "operation": "allocate(PAGE_SIZE, kind by page parity) + dec_ref(random live page)",
             "map": "N two-page allocations of alternating kinds, second page of each freed",
         },
     )
