@@ -60,7 +60,7 @@ if str(ROOT) not in sys.path:
 
 from sortedcontainers import SortedDict  # noqa: E402
 
-from aiopgalloc import segments as segmod  # noqa: E402
+from aiopgalloc import segment_blocks as segmod  # noqa: E402
 from aiopgalloc.ranges import PAGE_SIZE  # noqa: E402
 from aiopgalloc.segments import SegmentSet  # noqa: E402
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from aiopgalloc import segments as segmod
+from aiopgalloc import segment_blocks as segmod
 from aiopgalloc.ranges import HUGE_PAGE_SIZE, PAGE_SIZE
 from aiopgalloc.segments import SegmentSet
 

@@ -32,7 +32,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from aiopgalloc import segments as segmod
+from aiopgalloc import segment_blocks as segmod
 from aiopgalloc.segments import SegmentSet
 
 LONG = os.environ.get("AIOPGALLOC_FUZZ", "").lower() == "long"
