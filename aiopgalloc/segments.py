@@ -29,6 +29,7 @@ The storage (blocks, the gap index, their invariants and ``check()``) is
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -38,6 +39,19 @@ from .segment_blocks import BlockedSegments, Segment
 __all__ = ["SegmentSet"]
 
 V = TypeVar("V")
+
+_Search = Callable[[bytearray, int], "re.Match[bytes] | None"]
+_SEARCHERS: list[_Search | None] = [None] * 256
+
+
+def _searcher(k: int) -> _Search:
+    """``search(buf, pos)`` for the first byte >= k: a compiled character
+    class, made the first time it is needed (256 at most)."""
+    found = _SEARCHERS[k]
+    if found is None:
+        found = re.compile(b"[" + re.escape(bytes((k,))) + b"-\\xff]").search
+        _SEARCHERS[k] = found
+    return found
 
 
 class SegmentSet(BlockedSegments[V]):
@@ -221,21 +235,28 @@ class SegmentSet(BlockedSegments[V]):
         #    rest of this block, then let the tree pick the next block with a
         #    big enough gap.
         gaps = self._gaps
+        caps = self._caps
         bmax = self._bmax
+        need = length >> self._shift
+        search = _searcher(need if need < 255 else 255)
         i += 1
         while True:
             if i < len(starts[b]) and bmax[b] >= length:
+                # The byte map finds the candidates at C speed; the exact
+                # gap (and the alignment) decides.
                 gb = gaps[b]
                 sb = starts[b]
-                n = len(gb)
-                while i < n:
-                    g = gb[i]
+                cb = caps[b]
+                m = search(cb, i)
+                while m is not None:
+                    j = m.start()
+                    g = gb[j]
                     if g >= length:
-                        s = sb[i]
+                        s = sb[j]
                         a = (s - g + amask) & ~amask
                         if a + length <= s:
                             return a
-                    i += 1
+                    m = search(cb, j + 1)
                 # Nothing fitted: only an alignment misfit gets here, since
                 # the block's largest gap is exact.
             b = self._find_block(b + 1, length)
@@ -394,7 +415,15 @@ class SegmentSet(BlockedSegments[V]):
 
     def clear(self) -> None:
         """Remove every segment.  O(1)."""
-        for lists in (self._starts, self._ends, self._vals, self._gaps, self._firsts, self._bmax):
+        for lists in (
+            self._starts,
+            self._ends,
+            self._vals,
+            self._gaps,
+            self._caps,
+            self._firsts,
+            self._bmax,
+        ):
             lists.clear()
         self._tree = None
         self._len = 0

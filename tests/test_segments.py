@@ -487,24 +487,61 @@ def test_first_fit_after_split_and_merge_of_blocks(small_load: int) -> None:
     assert s.first_fit(2) == 2
 
 
-def test_first_fit_with_stale_block_bounds(small_load: int) -> None:
-    # Block bounds are upper bounds, lowered lazily by first fit.  Open a big
-    # gap, build the tree, close the gap again: the bound stays high until a
-    # first fit scans the block and finds nothing; answers stay right.
+def test_first_fit_block_bounds_stay_exact(small_load: int) -> None:
+    # Each block's largest gap is kept exact: open a big gap, build the tree,
+    # close the gap again: the bound drops at once, with no first fit between.
     s = fragmented(60, unit=2)  # segment k = [4k, 4k+2)
     assert s.first_fit(3) == 4 * 59 + 2  # builds the tree
     assert s.remove(4 * 20) == 20
     s.check()
     assert s.first_fit(6) == 4 * 20 - 2
     assert s.add(4 * 20, 4 * 20 + 2, "back")
+    assert s._bmax == [max(g) for g in s._gaps]
     s.check()
     for _ in range(2):
         assert s.first_fit(6) == 4 * 59 + 2
         assert s.first_fit(3) == 4 * 59 + 2
         assert s.first_fit(2) == 2
         s.check()
-    # After scanning, every block's bound is exact again.
-    assert s._bmax == [max(g) for g in s._gaps]
+
+
+@pytest.mark.parametrize("granularity", [0, -4, 3, 6])
+def test_granularity_must_be_a_power_of_two(granularity: int) -> None:
+    with pytest.raises(ValueError, match="granularity"):
+        SegmentSet(granularity=granularity)
+
+
+@pytest.mark.parametrize("granularity", [1, 4, 4096])
+def test_first_fit_byte_map_matches_brute_force(small_load: int, granularity: int) -> None:
+    # Gaps of every size around the byte map's cap (255 granules) and around
+    # granule boundaries (gaps not a whole number of granules): the byte map
+    # only proposes candidates, the exact gap decides.
+    rng = random.Random(granularity)
+    u = granularity
+    s: SegmentSet[Any] = SegmentSet(granularity=u)
+    cur = 0
+    for k in range(120):
+        gap = rng.choice([0, 1, u - 1, u, u + 1, 254 * u, 255 * u - 1, 255 * u, 256 * u + 3])
+        length = rng.choice([1, u, 3 * u])
+        cur += max(gap, 0)
+        assert s.insert_without_merging(cur, cur + length, k)
+        cur += length
+    s.check()
+    lengths = [1, u - 1 or 1, u, u + 1, 2 * u, 254 * u, 255 * u, 255 * u + 1, 256 * u, 300 * u]
+    for length in lengths:
+        for key in (0, cur // 3, cur // 2):
+            for alignment in (1, u):
+                want = brute_first_fit_gaps(s, length, key, alignment)
+                assert s.first_fit(length, key, alignment) == want, (length, key, alignment)
+
+
+def brute_first_fit_gaps(s: SegmentSet[Any], length: int, key: int, alignment: int) -> int | None:
+    """First fit by walking the gaps (fast enough for big keys)."""
+    for gs, ge in s.gaps(key, s.max_key):
+        a = (gs + alignment - 1) // alignment * alignment
+        if a + length <= ge:
+            return a
+    return None
 
 
 # --------------------------------------------------------------------- add

@@ -314,10 +314,11 @@ class SegmentSetMachine(RuleBasedStateMachine):
         policy=st.sampled_from(sorted(POLICIES)),
         lo=st.sampled_from([0, 3]),
         hi=st.sampled_from([256, 300]),
+        granularity=st.sampled_from([1, 2, 4, 16]),
     )
-    def setup(self, load: int, policy: str, lo: int, hi: int) -> None:
+    def setup(self, load: int, policy: str, lo: int, hi: int, granularity: int) -> None:
         segmod._LOAD = load
-        self.s = SegmentSet(POLICIES[policy], min_key=lo, max_key=hi)
+        self.s = SegmentSet(POLICIES[policy], min_key=lo, max_key=hi, granularity=granularity)
         self.m = Model(lo, hi, POLICIES[policy])
 
     # ----------------------------------------------------------- mutations
