@@ -7,13 +7,14 @@ range into a gap, and splitting and re-merging segments as reference counts
 change.
 
 Cost (n = segments, B = the block size, ``segment_blocks._LOAD``): locating
-a key is two bisections, O(log n); inserting or removing a segment is O(B) memmove plus O(log n) tree
-work when a block's largest gap changes; first fit is O(log n + B) for
-alignments no larger than the gaps' granularity.  With a coarser alignment a
-gap can be long enough yet fail to hold an aligned range; each such gap
-between ``key`` and the answer costs one more step, so the worst case grows
-with the number of those gaps (the allocator only asks for huge-page
-alignment for huge-page-sized requests, where such misfits are rare).
+a key is two bisections, O(log n); inserting or removing a segment is O(B)
+memmove plus O(log n) tree work when a block's largest gap changes; first
+fit is O(log n + B) for alignments no larger than the gaps' granularity.
+With a coarser alignment a gap can be long enough yet fail to hold an
+aligned range; each such gap between ``key`` and the answer costs one more
+step, so the worst case grows with the number of those gaps (the allocator
+only asks for huge-page alignment for huge-page-sized requests, where such
+misfits are rare).
 
 Values are treated as immutable: splitting a segment gives both halves the
 same value object, and merging keeps the left value.  Whether two adjacent
