@@ -126,6 +126,8 @@ async def _watch_pressure(
                 counts = mf._pressure_counts
                 counts[level] = counts.get(level, 0) + 1
                 assert mf._evictions is not None
+                # Freed pages first: lone ones may be waiting to merge.
+                mf._release_all_soon()
                 mf._evictions.on_pressure(level, fractions.get(level, 1.0))
     except pressure.PressureSourceGone as exc:
         if not started:
