@@ -102,6 +102,10 @@ _READY_MAX = 1 << 16  # bounds _ready when the releaser cannot run
 _MAX_FILE_SIZE = 1 << 47
 
 
+def _is_last_ref(v: UsageInfo) -> bool:
+    return v.refs == 1
+
+
 class MemoryFile:
     """A memfd whose pages are handed out as reference-counted ranges.
 
@@ -350,11 +354,10 @@ class MemoryFile:
             if self._closed:
                 raise ClosedError("memory file is closed")
             usage = self._usage
-            seg = usage.find(start)
-            if seg is not None and seg[1] >= end and (v := seg[2]).refs == 1:
-                # Common case: one segment holds it all and it is freed.
+            v = usage.carve_if(start, end, _is_last_ref)
+            if v is not None:
+                # Common case: one segment held it all and it is freed.
                 # (_free_locked, inlined: this runs once per page freed.)
-                usage.carve(start, end)
                 c = v.known_committed
                 if c and v.kind != _SYSTEM:
                     self.accounting._move_unchecked(end - start, _SYSTEM, v.kind)

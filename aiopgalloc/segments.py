@@ -373,10 +373,35 @@ class SegmentSet(BlockedSegments[V]):
         b = bisect_right(self._firsts, start) - 1
         if b < 0:
             raise KeyError(start)
-        sb, eb = self._starts[b], self._ends[b]
-        i = bisect_right(sb, start) - 1
-        if eb[i] < end:
+        i = bisect_right(self._starts[b], start) - 1
+        if self._ends[b][i] < end:
             raise KeyError(start)
+        return self._carve_at(b, i, start, end)
+
+    def carve_if(self, start: int, end: int, pred: Callable[[V], bool]) -> V | None:
+        """``carve(start, end)`` when a single segment holds the whole range
+        and ``pred`` accepts its value: return that value.  Otherwise return
+        None and change nothing.  One lookup where ``find`` then ``carve``
+        take two (the allocator's ``dec_ref``: is this the last reference?).
+        A range outside ``[min_key, max_key]`` is held by no segment: None.
+
+        Raises ``ValueError`` for an empty or ill-formed range.  O(log n + B).
+        """
+        if start >= end:
+            self._check_range(start, end)
+        if start < self.min_key or end > self.max_key:
+            return None
+        b = bisect_right(self._firsts, start) - 1
+        if b < 0:
+            return None
+        i = bisect_right(self._starts[b], start) - 1
+        if self._ends[b][i] < end or not pred(self._vals[b][i]):
+            return None
+        return self._carve_at(b, i, start, end)
+
+    def _carve_at(self, b: int, i: int, start: int, end: int) -> V:
+        """Carve ``[start, end)`` out of the segment at (b, i), which holds it."""
+        sb, eb = self._starts[b], self._ends[b]
         s, e = sb[i], eb[i]
         v = self._vals[b][i]
         if s == start:

@@ -824,6 +824,20 @@ def test_carve_rejects_bad_ranges() -> None:
     assert list(s) == ABC
 
 
+def test_carve_if_carves_only_what_the_predicate_accepts(load: int) -> None:
+    s = build(ABC)
+    for start, end in ((25, 45), (5, 15), (15, 25), (30, 40), (45, 51), (-5, 5)):
+        assert s.carve_if(start, end, lambda v: True) is None  # no single segment
+    assert s.carve_if(20, 30, lambda v: v == "x") is None  # refused by the predicate
+    assert list(s) == ABC
+    s.check()
+    assert s.carve_if(22, 25, lambda v: v == "b") == "b"  # a middle cut
+    assert s.find(22) is None and s.find(21) is not None and s.find(25) is not None
+    s.check()
+    with pytest.raises(ValueError):
+        s.carve_if(15, 15, lambda v: True)
+
+
 def test_carve_at_block_boundaries(small_load: int) -> None:
     # Segments k = [10k, 10k+8): carve the front, back or middle of every
     # one, so the cuts land at index 0, the last index and inside blocks.

@@ -413,6 +413,30 @@ class SegmentSetMachine(RuleBasedStateMachine):
             with pytest.raises(KeyError):
                 self.s.carve(start, end)
 
+    @rule(start=keys, length=lengths, data=st.data(), parity=st.integers(0, 1))
+    def carve_if(self, start: int, length: int, data: st.DataObject, parity: int) -> None:
+        self.step()
+        # As carve, with a predicate on the value (odd or even values).
+        segs = self.m.segments()
+        if data.draw(st.booleans()) and segs:
+            a, b, _ = data.draw(st.sampled_from(segs))
+            start = data.draw(st.integers(a, b - 1))
+            length = data.draw(st.integers(1, b - start))
+        end = start + length
+        if start >= end:
+            return
+        seg = self.m.seg_at(start)
+
+        def pred(v: int) -> bool:
+            return v % 2 == parity
+
+        if self.valid(start, end) and seg is not None and seg[1] >= end and pred(seg[2]):
+            assert self.s.carve_if(start, end, pred) == self.m.carve(start, end)
+        else:
+            before = list(self.s)
+            assert self.s.carve_if(start, end, pred) is None
+            assert list(self.s) == before
+
     @rule(start=keys, length=lengths)
     def isolate(self, start: int, length: int) -> None:
         self.step()
