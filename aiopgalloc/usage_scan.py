@@ -39,6 +39,7 @@ import anyio.lowlevel
 
 from .host import syscalls
 from .ranges import PAGE_SIZE
+from .usage import LIVE
 
 if TYPE_CHECKING:
     from .memory_file import MemoryFile
@@ -111,19 +112,20 @@ def apply_scan(mf: MemoryFile, seq: int, runs: list[tuple[int, int]]) -> bool:
             runs = _subtract(runs, [(s, e) for q, s, e in mf._punched if q > seq])
         usage, acct = mf._usage, mf.accounting
         for rs, re_ in runs:
-            changed = False
             for s, e, v in list(usage.segments(rs, re_)):
                 if v.refs == 0 or v.known_committed:
                     continue
                 a, b = max(s, rs), min(e, re_)
-                usage.isolate(a, b)
-                usage.set_value(a, v._replace(known_committed=True))
+                # Cut the piece out and put it back marked committed: add
+                # merges it with whichever neighbours now match.  Two
+                # lookups, where isolate + set_value + the merges took
+                # about eight (this loop runs once per resident run).
+                usage.carve(a, b)
+                usage.add(
+                    a, b, LIVE[v.kind][True] if v.refs == 1 else v._replace(known_committed=True)
+                )
                 acct.inc(b - a, v.kind)
                 mf._known_committed += b - a
-                changed = True
-            if changed:
-                usage.merge_range(rs, re_)
-                usage.merge_adjacent(rs, re_)
         return True
 
 
