@@ -314,13 +314,7 @@ class BlockedSegments(Generic[V]):
             eb = self._ends[b]
             gb = self._gaps[b]
             cb = self._caps[b]
-            if i:
-                prev = eb[i - 1]
-            elif b:
-                prev = self._ends[b - 1][-1]
-            else:
-                prev = self.min_key
-            g = s - prev
+            g = s - self._prev_end(b, i)
             sb.insert(i, s)
             eb.insert(i, e)
             self._vals[b].insert(i, v)
@@ -371,12 +365,7 @@ class BlockedSegments(Generic[V]):
         eb = self._ends[b]
         s = sb[i]
         e = eb[i]
-        if i:
-            prev = eb[i - 1]
-        elif b:
-            prev = self._ends[b - 1][-1]
-        else:
-            prev = self.min_key
+        prev = self._prev_end(b, i)
         del sb[i]
         del eb[i]
         del self._vals[b][i]

@@ -392,16 +392,20 @@ class SegmentSetMachine(RuleBasedStateMachine):
             return
         assert self.s.remove_range(start, end) == self.m.remove_range(start, end)
 
-    @rule(start=keys, length=lengths, data=st.data())
-    def carve(self, start: int, length: int, data: st.DataObject) -> None:
-        self.step()
-        # Mostly a range inside one segment; sometimes anything (KeyError).
+    def draw_carve_range(self, start: int, length: int, data: st.DataObject) -> tuple[int, int]:
+        """Half the time a range inside one segment, else the one given."""
         segs = self.m.segments()
         if data.draw(st.booleans()) and segs:
             a, b, _ = data.draw(st.sampled_from(segs))
             start = data.draw(st.integers(a, b - 1))
             length = data.draw(st.integers(1, b - start))
-        end = start + length
+        return start, start + length
+
+    @rule(start=keys, length=lengths, data=st.data())
+    def carve(self, start: int, length: int, data: st.DataObject) -> None:
+        self.step()
+        # Mostly a range inside one segment; sometimes anything (KeyError).
+        start, end = self.draw_carve_range(start, length, data)
         if not self.valid(start, end):
             with pytest.raises(ValueError):
                 self.s.carve(start, end)
@@ -417,12 +421,7 @@ class SegmentSetMachine(RuleBasedStateMachine):
     def carve_if(self, start: int, length: int, data: st.DataObject, parity: int) -> None:
         self.step()
         # As carve, with a predicate on the value (odd or even values).
-        segs = self.m.segments()
-        if data.draw(st.booleans()) and segs:
-            a, b, _ = data.draw(st.sampled_from(segs))
-            start = data.draw(st.integers(a, b - 1))
-            length = data.draw(st.integers(1, b - start))
-        end = start + length
+        start, end = self.draw_carve_range(start, length, data)
         if start >= end:
             return
         seg = self.m.seg_at(start)
