@@ -314,7 +314,15 @@ class BlockedSegments(Generic[V]):
             eb = self._ends[b]
             gb = self._gaps[b]
             cb = self._caps[b]
-            g = s - self._prev_end(b, i)
+            # _prev_end, inlined here and in _delete_at: the call alone made
+            # the release benchmark 5-8% slower.
+            if i:
+                prev = eb[i - 1]
+            elif b:
+                prev = self._ends[b - 1][-1]
+            else:
+                prev = self.min_key
+            g = s - prev
             sb.insert(i, s)
             eb.insert(i, e)
             self._vals[b].insert(i, v)
@@ -365,7 +373,12 @@ class BlockedSegments(Generic[V]):
         eb = self._ends[b]
         s = sb[i]
         e = eb[i]
-        prev = self._prev_end(b, i)
+        if i:
+            prev = eb[i - 1]
+        elif b:
+            prev = self._ends[b - 1][-1]
+        else:
+            prev = self.min_key
         del sb[i]
         del eb[i]
         del self._vals[b][i]
