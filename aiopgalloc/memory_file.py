@@ -415,9 +415,13 @@ class MemoryFile:
         ``aiopgalloc.reclaim``).  For host memory pressure: freed memory
         should go back to the kernel at once.  Any thread; O(1)."""
         with self._mu:
-            if self._waste:
-                self._flush = True
-                self._wake_releaser_locked()
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        """Wake the releaser to take all waste, not just the long runs."""
+        if self._waste:
+            self._flush = True
+            self._wake_releaser_locked()
 
     def _wake_releaser_locked(self) -> None:
         if not self._wake_pending and not self._closed:
@@ -564,10 +568,7 @@ class MemoryFile:
                 self._check_open()
                 if not self._waste and self._releasing == 0:
                     return
-                if self._waste:
-                    # Everything, not just the long runs (see ``reclaim``).
-                    self._flush = True
-                    self._wake_releaser_locked()
+                self._flush_locked()
             await event.wait()
 
     def reclaim_pending(self) -> int:

@@ -96,8 +96,6 @@ from .usage import RELEASING, MemoryKind
 if TYPE_CHECKING:
     from .memory_file import MemoryFile
 
-log_release = logging.getLogger("aiopgalloc.reclaim")
-
 __all__ = [
     "MAX_DEFER",
     "QUIET",
@@ -169,8 +167,7 @@ def take_release_batch(
         mf._wake_pending = False
         waste = mf._waste
         if mf._closed or not waste:
-            mf._ready.clear()
-            mf._ready_overflow = mf._flush = False
+            _forget_notes_locked(mf)
             return None
         pieces: list[tuple[int, int, bool]] = []
         if runs_only and not mf._flush:
@@ -186,9 +183,14 @@ def take_release_batch(
                     break
         batch = take_waste_batch_locked(mf, pieces)
         if not waste:
-            mf._ready.clear()
-            mf._ready_overflow = mf._flush = False
+            _forget_notes_locked(mf)
         return batch
+
+
+def _forget_notes_locked(mf: MemoryFile) -> None:
+    """No waste left: drop the notes of runs and any pending flush."""
+    mf._ready.clear()
+    mf._ready_overflow = mf._flush = False
 
 
 def _ready_runs_locked(
