@@ -12,6 +12,13 @@ syscall path.
 Operation names: ``fallocate``, ``mmap``, ``ftruncate``, ``mincore``,
 ``madvise``, ``fstat``, ``memset`` and ``lseek`` (the ``SEEK_DATA`` /
 ``SEEK_HOLE`` walk of ``syscalls.data_ranges``).
+
+Races are made deterministic the same way: ``faults.gate(op)`` arms a
+``Gate`` at which the next call of ``op`` stops, on whatever thread makes it,
+until the test opens it.  Meanwhile the test does what must happen "during"
+the call (close the file, free the pages, allocate them again), then lets
+the call go on and checks what it did.  A gate never changes what the call
+does once opened.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["OPS", "FaultInjector", "faults"]
+__all__ = ["OPS", "FaultInjector", "Gate", "faults"]
 
 OPS: frozenset[str] = frozenset(
     {"fallocate", "mmap", "ftruncate", "mincore", "madvise", "fstat", "memset", "lseek"}
@@ -37,6 +44,40 @@ class _Rule:
     err: int
     skip: int
     remaining: int | None
+
+
+class Gate:
+    """Where a call of one host operation waits until the test lets it go.
+
+    Made by :meth:`FaultInjector.gate`.  The first call of the operation that
+    reaches the gate blocks (its thread waits on an event) before making its
+    system call; later calls pass freely.  Thread-safe.
+    """
+
+    def __init__(self, op: str) -> None:
+        self.op = op
+        """The operation this gate holds."""
+        self._reached = threading.Event()
+        self._opened = threading.Event()
+
+    @property
+    def reached(self) -> bool:
+        """Whether a call has arrived at the gate (and is held, unless opened)."""
+        return self._reached.is_set()
+
+    def wait_reached(self, timeout: float | None = 10.0) -> bool:
+        """Block until a call has arrived at the gate; return False if
+        ``timeout`` seconds passed first.  Do not call it from the thread
+        that will make the call (it would wait for itself)."""
+        return self._reached.wait(timeout)
+
+    def open(self) -> None:
+        """Let the held call (and every later one) through.  Idempotent."""
+        self._opened.set()
+
+    def _arrive(self) -> None:
+        self._reached.set()
+        self._opened.wait()
 
 
 def _validate_op(op: str) -> None:
@@ -55,7 +96,7 @@ class FaultInjector:
         self._lock = threading.Lock()
         # op -> rule; empty whenever nothing is armed, which is what the fast
         # path of check() tests.
-        self._armed: dict[str, _Rule] = {}
+        self._armed: dict[str, _Rule | Gate] = {}
         self._fired: dict[str, int] = dict.fromkeys(OPS, 0)
 
     def inject(self, op: str, err: int, *, times: int | None = None, after: int = 0) -> None:
@@ -111,16 +152,48 @@ class FaultInjector:
             if rule is None:
                 _validate_op(op)
                 return
-            if rule.skip > 0:
-                rule.skip -= 1
-                return
-            if rule.remaining is not None:
-                rule.remaining -= 1
-                if rule.remaining <= 0:
+            if isinstance(rule, Gate):
+                # One call stops at a gate; it leaves the table, so later
+                # calls (and the held one, once opened) pass.
+                del self._armed[op]
+            else:
+                if rule.skip > 0:
+                    rule.skip -= 1
+                    return
+                if rule.remaining is not None:
+                    rule.remaining -= 1
+                    if rule.remaining <= 0:
+                        del self._armed[op]
+                self._fired[op] += 1
+        if isinstance(rule, Gate):
+            rule._arrive()  # outside the lock: the test arms and clears meanwhile
+            return
+        raise OSError(rule.err, os.strerror(rule.err))
+
+    def gate(self, op: str) -> Gate:
+        """Arm a :class:`Gate` for ``op``: its next call waits at the gate
+        until ``gate.open()``.  Replaces any rule armed for ``op``.  Use it
+        through :meth:`gated` so that the gate is always opened.  Raises
+        ``ValueError`` for an unknown op."""
+        _validate_op(op)
+        gate = Gate(op)
+        with self._lock:
+            self._armed[op] = gate
+        return gate
+
+    @contextlib.contextmanager
+    def gated(self, op: str) -> Iterator[Gate]:
+        """``with faults.gated("fallocate") as gate:``: arm a gate for the
+        body; on exit the gate is opened (a held call goes on) and disarmed
+        if no call reached it."""
+        gate = self.gate(op)
+        try:
+            yield gate
+        finally:
+            gate.open()
+            with self._lock:
+                if self._armed.get(op) is gate:
                     del self._armed[op]
-            self._fired[op] += 1
-            err = rule.err
-        raise OSError(err, os.strerror(err))
 
     @contextlib.contextmanager
     def injected(
