@@ -167,8 +167,9 @@ def _live_segments_locked(mf: MemoryFile) -> list[tuple[int, int, MemoryKind, in
 
 
 def _snapshot(mf: MemoryFile) -> tuple[_Plan, int]:
-    """Refuse pending evictions, copy the books, and dup the scan fd (so a
-    close during the save cannot pull it away).  Returns (plan, fd)."""
+    """Refuse pending evictions, copy the books, and take an I/O lease (so a
+    close during the save cannot pull the fd or the mappings away; the
+    caller returns it).  Returns (plan, the fd to read the pages from)."""
     mf._check_open()
     ev = mf._evictions
     if ev is not None:
@@ -182,8 +183,8 @@ def _snapshot(mf: MemoryFile) -> tuple[_Plan, int]:
     with mf._mu:
         mf._check_open()
         plan = _Plan(mf._file_size, mf._chunk_size, _live_segments_locked(mf))
-        fd = os.dup(mf._scan_fd)
-    return plan, fd
+        mf._lease_locked()
+    return plan, mf._scan_fd
 
 
 def _check_unchanged(mf: MemoryFile, plan: _Plan) -> None:
@@ -219,12 +220,7 @@ def _committed_runs(mf: MemoryFile, fd: int, plan: _Plan) -> list[tuple[int, int
         return []
     if _swap_enabled():
         return _intersect(spans, syscalls.data_ranges(fd, 0, plan.file_size))
-    try:
-        return usage_scan.scan(mf, spans)
-    except ValueError:
-        if mf.closed:
-            raise ClosedError("memory file closed during save") from None
-        raise
+    return usage_scan.scan(mf, spans)
 
 
 def _batches(runs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
@@ -397,6 +393,8 @@ async def save(
         await anyio.to_thread.run_sync(out.write, meta)
         done = 0
         for batch in _batches(runs):
+            if mf.closed:
+                raise ClosedError("memory file closed during save")
             await anyio.to_thread.run_sync(out.write_pages, fd, batch)
             done += sum(e - s for s, e in batch)
             if progress is not None:
@@ -412,7 +410,7 @@ async def save(
                 await anyio.to_thread.run_sync(out.abort)
         raise
     finally:
-        os.close(fd)
+        mf._unlease()
 
 
 # ------------------------------------------------------------------ loading

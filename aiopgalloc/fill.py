@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.abc
 
+from .errors import ClosedError
 from .options import AccessType
 from .ranges import PAGE_SIZE, FileRange
 from .usage import MemoryKind
@@ -42,6 +43,10 @@ async def allocate_and_fill(
     if kept < fr.length:
         mf.dec_ref(FileRange(fr.start + kept, fr.end))
         fr = FileRange(fr.start, fr.start + kept)
+    elif mf.closed:
+        # The block ended while the reader was being read: the range
+        # belongs to a file that is gone.
+        raise ClosedError("memory file closed during allocate_and_fill")
     return fr
 
 

@@ -51,6 +51,18 @@ zeroed), and waste pages that were known committed when freed.  The same
 bytes are counted per kind in ``accounting`` (waste as ``SYSTEM``).
 ``update_usage`` skips its scan when fstat's block count equals it.
 
+The file's fds and mappings outlive no call that uses them
+---------------------------------------------------------
+Closing a file descriptor frees its number, and the next ``open`` anywhere
+in the process takes it: a syscall made with a stale number lands in an
+unrelated file (a punch there destroys its data).  Every call that uses the
+memfd, the scan fd or the mappings outside ``_mu`` therefore holds an *I/O
+lease*, taken under ``_mu`` while the file is open (``_io_users``).  Closing
+marks the file closed at once, so every later call raises ``ClosedError``,
+but the fds are closed and the file unmapped only when the last lease is
+returned.  A call whose lease outlived the close finishes its syscalls on
+the still-open fds and then raises ``ClosedError``.
+
 Checkpoints
 -----------
 ``save`` writes the books (file size, live segments with kind and refs) and
@@ -67,7 +79,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import anyio
@@ -100,6 +112,11 @@ _READY_MAX = 1 << 16  # bounds _ready when the releaser cannot run
 # The whole file must be mappable (user space is 2**47 bytes on x86-64), and
 # the chunk table must stay small: refuse to grow past this.
 _MAX_FILE_SIZE = 1 << 47
+
+
+# How pages found past the file's end (grown by someone else) are freed:
+# not known committed, counted nowhere.
+_FOREIGN = UsageInfo(MemoryKind.SYSTEM, False, 0)
 
 
 def _is_last_ref(v: UsageInfo) -> bool:
@@ -164,6 +181,8 @@ class MemoryFile:
         self.recycled_bytes = 0
         self.allocations = 0
         self._pressure_counts: dict[int, int] = {}  # level -> notifications
+        self._io_users = 0  # I/O leases out (see the module notes)
+        self._close_fd = True  # whether closing closes _fd (not a caller's fd on failed open)
         # ---- set by the lifecycle code (open_memory_file)
         self._on_progress: Callable[[], None] = lambda: None
         self._progress_event: anyio.Event
@@ -198,6 +217,33 @@ class MemoryFile:
         if self._closed:
             raise ClosedError("memory file is closed")
 
+    def _lease_locked(self) -> None:
+        """Take an I/O lease: the fds and mappings stay open until the
+        matching ``_unlease``.  Precondition: _mu held, the file open."""
+        self._io_users += 1
+
+    def _unlease(self) -> None:
+        """Return an I/O lease; the last one returned after close closes
+        the fds and unmaps (outside the lock: the final close of a memfd
+        frees all its pages).  Any thread."""
+        with self._mu:
+            self._io_users -= 1
+            last = self._closed and self._io_users == 0
+        if last:
+            self._close_resources()
+
+    @contextlib.contextmanager
+    def _io(self) -> Iterator[None]:
+        """An I/O lease for the body; raises ``ClosedError`` if the file is
+        closed.  For calls that make one syscall outside the lock."""
+        with self._mu:
+            self._check_open()
+            self._io_users += 1
+        try:
+            yield
+        finally:
+            self._unlease()
+
     def total_size(self) -> int:
         """The file's size in bytes (a whole number of chunks; it only grows)."""
         self._check_open()
@@ -205,9 +251,9 @@ class MemoryFile:
 
     def total_usage(self) -> int:
         """Bytes the kernel holds for the file (fstat blocks x 512), pages
-        swapped out included.  Cost: one fstat, about 20 us."""
-        self._check_open()
-        return syscalls.fstat_blocks_bytes(self._fd)
+        swapped out included.  Cost: one fstat.  Raises ``ClosedError``."""
+        with self._io():
+            return syscalls.fstat_blocks_bytes(self._fd)
 
     # ------------------------------------------------------------ allocation
 
@@ -246,36 +292,75 @@ class MemoryFile:
             self._check_open()
             start, pieces = placement.find_range_locked(self, length, align)
             end = start + length
-            if end > self._file_size:
-                self._grow_locked(end)
+            tries = 0
+            while end > self._file_size:
+                if not self._grow_locked(end):
+                    break
+                # Pages someone else wrote past our end became freed pages:
+                # the range must be chosen again.
+                tries += 1
+                if tries > 3:
+                    raise OSError(errno.EBUSY, "another holder of the fd keeps growing the file")
+                start, pieces = placement.find_range_locked(self, length, align)
+                end = start + length
             recycled = placement.take_waste_locked(self, start, end, pieces, kind)
             self.allocations += 1
-        if recycled or commit is not CommitMode.NONE:
-            try:
-                if recycled:
-                    placement.zero_recycled(self, recycled)
-                if commit is not CommitMode.NONE:
-                    placement.commit_pages(self, start, end, kind, commit)
-            except BaseException:
-                if commit is not CommitMode.NONE:
-                    # A failed commit may have committed part of the clean
-                    # pages: punch them back out so they are clean again.
-                    placement.punch_clean(self, start, end, recycled)
-                placement.undo_allocation(self, start, end, recycled, kind)
-                raise
+            if not recycled and commit is CommitMode.NONE:
+                return FileRange(start, end)
+            self._lease_locked()
+        try:
+            if recycled:
+                placement.zero_recycled(self, recycled)
+            if commit is not CommitMode.NONE:
+                placement.commit_pages(self, start, end, kind, commit)
+        except BaseException:
+            if commit is not CommitMode.NONE:
+                # A failed commit may have committed part of the clean
+                # pages: punch them back out so they are clean again.
+                placement.punch_clean(self, start, end, recycled)
+            placement.undo_allocation(self, start, end, recycled, kind)
+            self._unlease()
+            raise
+        self._unlease()
+        if self._closed:
+            # Closed while the pages were being zeroed or committed: the
+            # range belongs to a file that is gone.
+            raise ClosedError("memory file closed during allocate")
         return FileRange(start, end)
 
-    def _grow_locked(self, end: int) -> None:
+    def _grow_locked(self, end: int) -> bool:
         """Grow the file to cover ``end`` (whole chunks).  Precondition: _mu
-        held.  Raises OSError from ftruncate with nothing changed."""
+        held.  Returns whether pages written past our end by someone else
+        were taken in as freed pages (the caller's placement is then
+        stale).  Raises OSError from fstat or ftruncate with nothing changed.
+
+        Someone holding the fd (``mf.fd``, a read-write share) may have
+        grown the file behind our back.  Truncating a file sealed against
+        shrinking to less than its real size fails (EPERM) for good, so the
+        real size is read first and adopted (rounded up to whole chunks)
+        when it is larger.  Cost: one fstat and one ftruncate, once per
+        growth."""
         chunk = self._chunk_size
         new_size = (end + chunk - 1) // chunk * chunk
+        real = memfd.file_size(self._fd)
+        if real > new_size:
+            new_size = (real + chunk - 1) // chunk * chunk
         if new_size > _MAX_FILE_SIZE:
             # Checked before ftruncate: a sealed file cannot be shrunk back.
             raise OSError(errno.ENOMEM, f"memory file cannot grow to {new_size:#x} bytes")
-        memfd.truncate(self._fd, new_size)
+        if new_size != real:
+            memfd.truncate(self._fd, new_size)
+        old_size = self._file_size
         self._mappings.set_file_size(new_size)
         self._file_size = new_size
+        if real > old_size:
+            # Whatever was written past our end may not be zero: book those
+            # pages as freed (not known committed), so an allocation landing
+            # there zeroes them and the releaser punches them out.
+            self._free_locked(old_size, (real + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1), _FOREIGN)
+            self._wake_releaser_locked()
+            return True
+        return False
 
     # ------------------------------------------------------------ references
 
@@ -573,8 +658,9 @@ class MemoryFile:
 
     def reclaim_pending(self) -> int:
         """Bytes freed but not yet returned to the kernel (waiting, or being
-        released right now).  O(1)."""
+        released right now).  O(1).  Raises ``ClosedError``."""
         with self._mu:
+            self._check_open()
             return self._waste.total_length + self._releasing
 
     def stats(self) -> FileStats:
@@ -593,8 +679,8 @@ class MemoryFile:
         a memfd this library created (it is sealed against shrinking).  The
         fd is close-on-exec.  Raises ``OSError``, ``ClosedError``.
         """
-        self._check_open()
-        return memfd.reopen(self._fd, readonly)
+        with self._io():
+            return memfd.reopen(self._fd, readonly)
 
     # -------------------------------------------------------------- eviction
 
@@ -649,12 +735,24 @@ class MemoryFile:
 
     def _close(self, close_fd: bool = True) -> None:
         """Close the file (the lifecycle code calls it after the task group
-        ended).  Views from map_internal stay valid until dropped.  With
+        ended).  Every later call raises ``ClosedError``; the fds are closed
+        and the file unmapped now, or when the last I/O lease still out is
+        returned.  Views from map_internal stay valid until dropped.  With
         ``close_fd=False`` (opening failed) the caller's fd is left open."""
         with self._mu:
             if self._closed:
                 return
             self._closed = True
+            self._close_fd = close_fd
+            last = self._io_users == 0
+        if last:
+            self._close_resources()
+        # Callers waiting in wait_for_reclaim() wake, see the file closed and
+        # raise ClosedError instead of waiting for a releaser that is gone.
+        self._on_progress()
+
+    def _close_resources(self) -> None:
+        """Unmap and close the fds.  Runs once: closed, and no lease out."""
         busy = self._mappings.close()
         if busy:
             log.warning(
@@ -662,14 +760,12 @@ class MemoryFile:
                 "those mappings are released when the views are dropped",
                 busy,
             )
-        for fd in (
-            (self._wake_fd, self._scan_fd, self._fd) if close_fd else (self._wake_fd, self._scan_fd)
-        ):
+        fds = [self._wake_fd, self._scan_fd]
+        if self._close_fd:
+            fds.append(self._fd)
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        # Callers waiting in wait_for_reclaim() wake, see the file closed and
-        # raise ClosedError instead of waiting for a releaser that is gone.
-        self._on_progress()
 
     # ----------------------------------------------------------- diagnostics
 

@@ -297,6 +297,8 @@ def perform_release(mf: MemoryFile, batch: ReleaseBatch) -> None:
 
 
 def plan_decommit(mf: MemoryFile, start: int, end: int) -> DecommitPlan:
+    """Take the pages of [start, end) for punching; takes an I/O lease the
+    caller returns.  Raises ``RefCountError``, ``ClosedError``."""
     with mf._mu:
         mf._check_open()
         live: list[tuple[int, int]] = []
@@ -321,6 +323,7 @@ def plan_decommit(mf: MemoryFile, start: int, end: int) -> DecommitPlan:
             cur = nxt
         batch = take_waste_batch_locked(mf, waste_pieces)
         mf._note_punched_locked(live + batch.ranges)
+        mf._lease_locked()
         return DecommitPlan(live, batch)
 
 
@@ -348,26 +351,34 @@ def small_batch(mf: MemoryFile, nbytes: int, nranges: int) -> bool:
 
 
 async def decommit(mf: MemoryFile, start: int, end: int) -> None:
-    """Punch [start, end) out (the body of ``MemoryFile.decommit``)."""
+    """Punch [start, end) out (the body of ``MemoryFile.decommit``).
+
+    The plan holds an I/O lease until the punches are over, so a close
+    meanwhile leaves the fd open under them; the call then raises
+    ``ClosedError``."""
     plan = plan_decommit(mf, start, end)
     ranges = plan.live + plan.waste.ranges
     try:
-        if small_batch(mf, end - start, len(ranges)):
-            plan.waste.failed = perform(mf, ranges)
-        else:
-            plan.waste.failed = await anyio.to_thread.run_sync(
-                perform, mf, ranges, limiter=mf._limiter
-            )
-        plan.waste.performed = True
-    except BaseException:
-        # Neither punched nor zeroed by hand: leave the books as they were
-        # (a call that raises changes nothing).  The freed pages go back to
-        # the waste set; the live pages keep their flags.
-        finish_release(mf, plan.waste)
+        try:
+            if small_batch(mf, end - start, len(ranges)):
+                plan.waste.failed = perform(mf, ranges)
+            else:
+                plan.waste.failed = await anyio.to_thread.run_sync(
+                    perform, mf, ranges, limiter=mf._limiter
+                )
+            plan.waste.performed = True
+        except BaseException:
+            # Neither punched nor zeroed by hand: leave the books as they
+            # were (a call that raises changes nothing).  The freed pages go
+            # back to the waste set; the live pages keep their flags.
+            finish_release(mf, plan.waste)
+            mf._on_progress()
+            raise
+        finish_decommit(mf, plan)
         mf._on_progress()
-        raise
-    finish_decommit(mf, plan)
-    mf._on_progress()
+    finally:
+        mf._unlease()
+    mf._check_open()
 
 
 class _Job:
@@ -455,11 +466,12 @@ async def run_releaser(
     """Release freed pages until cancelled (the file closing)."""
     wake_fd = mf._wake_fd
     puncher = _Puncher()
-    task_status.started()
-    try:
-        await _release_loop(mf, wake_fd, puncher)
-    finally:
-        puncher.close()
+    with mf._io():
+        task_status.started()
+        try:
+            await _release_loop(mf, wake_fd, puncher)
+        finally:
+            puncher.close()
 
 
 async def _release_loop(mf: MemoryFile, wake_fd: int, puncher: _Puncher) -> None:

@@ -66,7 +66,8 @@ class FileStats:
 def take_stats(mf: MemoryFile) -> FileStats:
     """The body of ``MemoryFile.stats()``: one fstat, then one pass over the
     books under the lock (O(segments), at C speed for the gap search)."""
-    committed = syscalls.fstat_blocks_bytes(mf._fd)
+    with mf._io():
+        committed = syscalls.fstat_blocks_bytes(mf._fd)
     assert mf._evictions is not None
     evictions = mf._evictions.stats()
     with mf._mu:

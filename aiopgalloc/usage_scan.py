@@ -56,7 +56,7 @@ _RESIDENT = bytes(i & 1 for i in range(256))
 
 def plan_scan(mf: MemoryFile) -> tuple[int, list[tuple[int, int]]] | None:
     """Live ranges not known committed, merged; None if fstat says the
-    accounting is exact already."""
+    accounting is exact already.  The caller holds an I/O lease."""
     current = syscalls.fstat_blocks_bytes(mf._fd)
     with mf._mu:
         mf._check_open()
@@ -152,16 +152,19 @@ def scan(mf: MemoryFile, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 async def update_usage(mf: MemoryFile) -> None:
-    """The body of ``MemoryFile.update_usage``."""
-    for _attempt in range(_MAX_ATTEMPTS):
-        plan = plan_scan(mf)
-        if plan is None:
-            return
-        seq, spans = plan
-        if not spans:
-            return
-        runs = await anyio.to_thread.run_sync(scan, mf, spans, limiter=mf._limiter)
-        if apply_scan(mf, seq, runs):
-            return
-        await anyio.lowlevel.checkpoint()
+    """The body of ``MemoryFile.update_usage``.  Raises ``ClosedError`` if
+    the file closed before the scan's result could be applied."""
+    with mf._io():
+        for _attempt in range(_MAX_ATTEMPTS):
+            plan = plan_scan(mf)
+            if plan is None:
+                return
+            seq, spans = plan
+            if not spans:
+                return
+            runs = await anyio.to_thread.run_sync(scan, mf, spans, limiter=mf._limiter)
+            if apply_scan(mf, seq, runs):
+                mf._check_open()
+                return
+            await anyio.lowlevel.checkpoint()
     log.debug("update_usage: pages kept being punched during the scan; gave up")

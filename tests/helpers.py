@@ -61,17 +61,18 @@ class State:
     text: str
     stats: MemoryStats
     size: int | None
-    pending: int
+    pending: int | None
     file_size: int | None
 
     @classmethod
     def of(cls, mf: MemoryFile) -> State:
         if mf.closed:
-            size = file_size = None
+            size = file_size = pending = None
         else:
             size = mf.total_size()
             file_size = os.fstat(mf.fd).st_size
-        return cls(str(mf), mf.accounting.snapshot(), size, mf.reclaim_pending(), file_size)
+            pending = mf.reclaim_pending()
+        return cls(str(mf), mf.accounting.snapshot(), size, pending, file_size)
 
 
 def stamp_bytes(counter: int, length: int) -> bytes:
