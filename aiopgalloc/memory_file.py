@@ -2,7 +2,7 @@
 
 Lock order (outermost first)
 ----------------------------
-``MemoryFile._mu`` (a ``threading.Lock``), then ``ChunkMappings``' lock, then
+``MemoryFile._mu`` (a ``threading.Lock``), then ``FileMapping``'s lock, then
 ``MemoryAccounting``'s lock.  ``_mu`` guards every field below the line
 "guarded by _mu"; it is held only for bookkeeping, never across a syscall
 that can take long (a punch, a scan, an mmap) and never across an ``await``.
@@ -90,7 +90,7 @@ from . import fill, placement, reclaim, usage_scan
 from .arguments import MAX_OFFSET, PAGE_MASK, check_kind, check_length, check_range, range_bounds
 from .errors import ClosedError, RefCountError
 from .host import memfd, syscalls
-from .host.mapping import ChunkMappings
+from .host.mapping import FileMapping
 from .options import AccessType, CommitMode, MemoryFileOpts
 from .ranges import HUGE_PAGE_SIZE, PAGE_SIZE, EvictableRange, FileRange
 from .segments import SegmentSet
@@ -140,7 +140,7 @@ class MemoryFile:
         self._fd = fd
         self._chunk_size = chunk
         self._sealed = sealed
-        self._mappings = ChunkMappings(fd, chunk)
+        self._mappings = FileMapping(fd, chunk)
         self._mappings.set_file_size(chunk)
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         # A private read-only description for SEEK_DATA probes, so probing
@@ -756,7 +756,7 @@ class MemoryFile:
         busy = self._mappings.close()
         if busy:
             log.warning(
-                "memory file closed while memoryviews of %d chunk(s) are still alive; "
+                "memory file closed while memoryviews of %d mapping(s) are still alive; "
                 "those mappings are released when the views are dropped",
                 busy,
             )

@@ -417,7 +417,7 @@ async def test_map_internal_mmap_fails(anyio_backend: Any) -> None:
         assert info.value.errno == errno.ENOMEM
         assert os.strerror(errno.ENOMEM) in str(info.value)
         assert State.of(mf) == before
-        assert mf._mappings.mapped_chunks == 0
+        assert mf._mappings.regions == 0
         mf.check_invariants()
         fill_byte(mf, fr, 1)  # works once the host recovers
         assert pread_all(mf.fd, fr) == b"\1" * fr.length
@@ -588,7 +588,7 @@ async def test_owner_cancelled_during_a_big_release(anyio_backend: Any) -> None:
     assert mf.closed
     mf.check_invariants()  # the books were settled (they survive the close)
     assert mf._releasing == 0
-    assert mf._mappings.mapped_chunks == 0
+    assert mf._mappings.regions == 0
     assert {t.id for t in anyio.get_running_tasks()} == tasks_before
     assert non_worker_threads() == threads_before
     assert open_fds() == fds_before
@@ -634,7 +634,7 @@ async def main():
     assert bytes(ro[0][:5]) == b"HELLO"
     fv[0][:3] = b"new"
     assert bytes(fv[0][:3]) == b"new"
-    assert len(maps()) >= 3
+    assert maps()
     del mf
     gc.collect()
     assert bytes(views[1][:4]) == b"mid!"   # the MemoryFile object is gone too

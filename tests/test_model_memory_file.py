@@ -703,7 +703,7 @@ class MemoryFileMachine(RuleBasedStateMachine):
             self.cm.__exit__(None, None, None)
             os.close(self.scan_fd)
         assert mf.closed
-        assert mf._mappings.mapped_chunks == 0
+        assert mf._mappings.regions == 0
 
     def _drain(self) -> None:
         """Free everything; once released, nothing is committed."""

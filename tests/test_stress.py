@@ -359,7 +359,7 @@ async def _stress(bid: str) -> dict[str, float]:
         mf.check_invariants()
         evicted = sum(c.evicted for c in caches)
         recycled, released = mf.recycled_bytes, mf.bytes_released
-    assert mf._mappings.mapped_chunks == 0
+    assert mf._mappings.regions == 0
     ops = sum(w.ops for w in workers)
     assert ops >= OPS_PER_BACKEND
     return {

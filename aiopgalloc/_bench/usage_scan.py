@@ -11,9 +11,9 @@ Timed, both on the same setup, their order alternating between samples:
 - ``aiopgalloc``: ``await mf.update_usage()``: one fstat, the plan under
   the lock, a worker-thread hop, the mincore scan, turning it into runs,
   and marking the runs known committed (checked against the bytes written).
-- ``bare mincore``: ``aiopgalloc.host.syscalls.mincore`` over the same
-  range, chunk by chunk at the mappings' addresses, into one preallocated
-  vector, on the calling thread: the kernel's part alone.
+- ``bare mincore``: one ``mincore`` over the same range through the file's
+  mapping (``FileMapping.mincore``, a single syscall), on the calling
+  thread: the kernel's part alone.
 
 Then the *nothing-changed* path: ``update_usage()`` again with nothing
 touched since (fstat's block count equals the known-committed bytes, so no
@@ -69,16 +69,13 @@ async def _sample(size: int, rep: int, quiet_calls: int) -> dict[str, Any]:
         chunk = mf.opts.chunk_size
         if mf.total_size() != size or size % chunk:
             raise RuntimeError(f"usage scan setup: file is {mf.total_size()} bytes, not {size}")
-        addresses = [mappings.address(i) for i in range(size // chunk)]
-        vec = bytearray(size // P)
-        per_chunk = chunk // P
-        mincore = syscalls.mincore
+        vec = bytearray()
 
         def bare() -> float:
+            nonlocal vec
             collect()
             t0 = perf_counter()
-            for i, addr in enumerate(addresses):
-                mincore(addr, chunk, vec, vec_offset=i * per_chunk)
+            vec = mappings.mincore(0, size)
             return perf_counter() - t0
 
         async def scan() -> float:
