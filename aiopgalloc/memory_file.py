@@ -165,6 +165,9 @@ class MemoryFile:
         self.allocations = 0
         self._pressure_counts: dict[int, int] = {}  # level -> notifications
         # ---- set by the lifecycle code (open_memory_file)
+        # Set once at open, for stats(): the pressure source's name ("" for
+        # none) and, when there is none, why.
+        self._pressure_choice: tuple[str, str] = ("", "")
         self._on_progress: Callable[[], None] = lambda: None
         self._progress_event: anyio.Event
 
