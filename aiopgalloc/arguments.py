@@ -6,11 +6,17 @@ changes anything, so that bad input raises a clear ``TypeError`` or
 here, apart from the state machine, so they can be read (and tested) as the
 contract of what each call accepts: ints, not bools or floats; page-aligned,
 non-empty ranges; offsets below 2**63 (the file's offsets are signed 64-bit).
+
+A file range must be a ``FileRange`` (or a subclass).  ``FileRange`` and
+``EvictableRange`` are both tuples of two ints and compare equal with the
+same bounds, so a check on the shape alone would take a user's own offsets
+(an ``EvictableRange``), or any pair, as pages of the file, and free or map
+pages that have nothing to do with it.
 """
 
 from __future__ import annotations
 
-from .ranges import PAGE_SIZE
+from .ranges import PAGE_SIZE, EvictableRange, FileRange
 from .usage import MemoryKind
 
 __all__ = ["MAX_OFFSET", "PAGE_MASK", "check_kind", "check_length", "check_range", "range_bounds"]
@@ -20,9 +26,17 @@ MAX_OFFSET = (1 << 63) - 1  # file offsets are signed 64-bit
 
 
 def range_bounds(fr: object, what: str) -> tuple[int, int]:
-    """Check a non-empty, well-formed range of int bounds; return them."""
-    if not isinstance(fr, tuple) or len(fr) != 2:
-        raise TypeError(f"{what}: expected a FileRange, got {type(fr).__name__}")
+    """Check a non-empty, well-formed ``FileRange`` of int bounds; return
+    them.  Raises ``TypeError`` for anything but a ``FileRange`` (a plain
+    tuple and an ``EvictableRange`` included) or for bounds that are not
+    ints, ``ValueError`` for an empty, negative or ill-formed range."""
+    if not isinstance(fr, FileRange):
+        hint = (
+            " (an EvictableRange is in a user's own offsets, not the file's)"
+            if isinstance(fr, EvictableRange)
+            else ""
+        )
+        raise TypeError(f"{what}: expected a FileRange, got {type(fr).__name__}{hint}")
     start, end = fr
     if type(start) is not int or type(end) is not int:
         if (
@@ -38,7 +52,9 @@ def range_bounds(fr: object, what: str) -> tuple[int, int]:
 
 
 def check_range(fr: object, what: str) -> tuple[int, int]:
-    """Check a page-aligned, non-empty, well-formed range; return its bounds."""
+    """Check a page-aligned, non-empty, well-formed ``FileRange``; return its
+    bounds.  Raises as :func:`range_bounds` does, and ``ValueError`` for a
+    range that is not page-aligned or ends past the largest file offset."""
     start, end = range_bounds(fr, what)
     if (start | end) & PAGE_MASK:
         raise ValueError(f"{what}: range {fr!r} is not page-aligned")

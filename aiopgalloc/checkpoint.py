@@ -416,8 +416,18 @@ async def save(
 # ------------------------------------------------------------------ loading
 
 
+_NEED_BINARY = (
+    "load_memory_file: source must be a path or a binary stream (open the file with "
+    "mode 'rb'), got a text stream {}"
+)
+
+
 def _open_source(source: Any) -> tuple[CheckpointReader, IO[bytes] | None]:
-    """A reader over ``source`` and the file to close afterwards (if ours)."""
+    """A reader over ``source`` and the file to close afterwards (if ours).
+
+    A stream that is not an ``io.TextIOBase`` but still reads ``str`` is
+    caught here by reading 0 bytes (which consumes nothing), before the
+    memory file is made.  Raises ``TypeError`` for it."""
     if _is_path(source):
         f = open(os.fspath(source), "rb", buffering=1 << 20)  # noqa: SIM115
         try:
@@ -426,6 +436,8 @@ def _open_source(source: Any) -> tuple[CheckpointReader, IO[bytes] | None]:
             f.close()
             raise
         return CheckpointReader(f, file_size), f
+    if isinstance(source.read(0), str):
+        raise TypeError(_NEED_BINARY.format(type(source).__name__))
     # A seekable stream tells how much is left, so lengths can be checked
     # against it before reading.
     left: int | None = None
@@ -520,12 +532,21 @@ class _LoadContext:
     def __init__(self, source: PathType | Readable, opts: MemoryFileOpts | None) -> None:
         if not _is_path(source) and not callable(getattr(source, "read", None)):
             raise TypeError(f"source must be a path or a binary stream, not {type(source)}")
+        if isinstance(source, io.TextIOBase):
+            raise TypeError(_NEED_BINARY.format(type(source).__name__))
         self._source = source
         self._ctx = _MemoryFileContext(None, opts)
         chunk = (opts or MemoryFileOpts()).chunk_size
         self._max_end = (_MAX_OFFSET // chunk) * chunk
+        self._entered = False  # single-use, as open_memory_file's object
 
     async def __aenter__(self) -> MemoryFile:
+        if self._entered:
+            raise RuntimeError(
+                "this load_memory_file(...) object was already entered; it can be entered "
+                "only once (call load_memory_file(...) again to load another copy)"
+            )
+        self._entered = True
         inp, owned = await anyio.to_thread.run_sync(_open_source, self._source)
         try:
 
@@ -571,7 +592,9 @@ def load_memory_file(
 
     ``source`` is a path or a blocking binary stream (``read()``, better
     ``readinto()``; read from worker threads, exactly up to the end of the
-    checkpoint, and not closed).
+    checkpoint, and not closed).  A text stream is refused with
+    ``TypeError`` before anything is opened.  The returned object can be
+    entered once; a second entry raises ``RuntimeError``.
 
     Cost: reading the checkpoint once, the pages straight into the file's
     mappings (first-touch faults, about 3.6 us per page), in worker

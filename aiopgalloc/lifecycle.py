@@ -9,7 +9,15 @@ Exceptions come out as themselves.  anyio (on trio in particular) wraps an
 exception that leaves a task group's body in an ``ExceptionGroup``; the
 background tasks here never raise, so when the group holds nothing but the
 body's own exception, the group is dropped and the exception propagates
-unchanged.
+unchanged.  The one thing a background task does let through is a
+``KeyboardInterrupt`` or ``SystemExit`` raised in user code it calls (an
+``evict``, a pressure source): on trio it arrives wrapped in a group per
+task group it crossed, and it comes out alone, as itself.  (On asyncio the
+event loop re-raises such an exception out of ``run`` at once.)
+
+An ``open_memory_file(...)`` or ``load_memory_file(...)`` object is entered
+at most once: a second entry, nested or after the first ended, raises
+``RuntimeError`` before touching the file.
 """
 
 from __future__ import annotations
@@ -18,15 +26,16 @@ import logging
 import os
 import stat
 from types import TracebackType
-from typing import Any, Protocol
+from typing import NoReturn, Protocol
 
 import anyio
 import anyio.abc
 
 from .eviction import Evictions
 from .host import memfd, pressure
+from .host.pressure_sources import PressureSource
 from .memory_file import MemoryFile
-from .options import MemoryFileOpts
+from .options import DelayedEviction, MemoryFileOpts
 from .ranges import PAGE_SIZE
 from .reclaim import run_releaser
 
@@ -50,6 +59,43 @@ def _only_exception(group: BaseExceptionGroup[BaseException], exc: BaseException
     leaves (``exc`` may itself be a group, which trio re-derives)."""
     own = {id(e) for e in _leaves(exc)}
     return all(id(e) in own for e in _leaves(group))
+
+
+_INTERRUPTS = (KeyboardInterrupt, SystemExit)
+
+
+def _unwrap(
+    group: BaseExceptionGroup[BaseException], exc: BaseException | None
+) -> BaseException | None:
+    """The one exception to let out instead of ``group``, which a task group
+    raised while ``exc`` (None: nothing) was leaving its body; None to let
+    the group out as it is.
+
+    - A ``KeyboardInterrupt`` or ``SystemExit`` among the leaves (from the
+      body, or from user code a background task called): the first one.
+      An interrupt asks the program to stop; it must reach the caller's
+      ``except KeyboardInterrupt`` whatever else failed meanwhile.
+    - Every leaf is ``exc`` or one of its leaves: ``exc``.
+    """
+    leaves = _leaves(group)
+    for leaf in leaves:
+        if isinstance(leaf, _INTERRUPTS):
+            return leaf
+    if exc is not None and _only_exception(group, exc):
+        return exc
+    return None
+
+
+def _raise_unwrapped(
+    group: BaseExceptionGroup[BaseException], out: BaseException, exc: BaseException | None
+) -> NoReturn:
+    """Raise ``out`` (an interrupt found by ``_unwrap``) in place of ``group``;
+    the group stays attached as the cause only when it holds other failures
+    too, so they are not lost from the traceback."""
+    own = {id(out)} | ({id(e) for e in _leaves(exc)} if exc is not None else set())
+    if all(id(e) in own for e in _leaves(group)):
+        raise out from None
+    raise out from group
 
 
 def _prepare_fd(file: int | _HasFileno | None, opts: MemoryFileOpts) -> tuple[int, bool]:
@@ -86,22 +132,47 @@ def _prepare_fd(file: int | _HasFileno | None, opts: MemoryFileOpts) -> tuple[in
     return fd, sealed
 
 
-def _pressure_source(opts: MemoryFileOpts) -> Any:
-    """The source given in the options, or the best one the host offers.
+def _source_name(source: object) -> str:
+    name = getattr(source, "name", None)
+    return name if isinstance(name, str) and name else type(source).__name__
 
+
+def _pressure_source(
+    asked: MemoryFileOpts, opts: MemoryFileOpts
+) -> tuple[PressureSource | None, str, str]:
+    """The pressure source to listen to, its name, and (when there is none)
+    why not.  ``asked`` are the options as given, ``opts`` as resolved.
+
+    The source given in the options, or the best one the host offers.
+    When the service manager switched pressure handling off
+    (``MEMORY_PRESSURE_WATCH=/dev/null``), none, said once at INFO.
     Raises ``NoPressureSourceError`` (an ``OSError``) naming every source
     tried and why it failed, as the reference fails when it cannot set up
     its cgroup notifications."""
+    if not opts.use_host_memcg_pressure:
+        if not asked.use_host_memcg_pressure:
+            note = "use_host_memcg_pressure is False"
+            if asked.pressure_source is not None:
+                note += " (the pressure_source given is not used)"
+        else:
+            mode = asked.delayed_eviction
+            assert mode in (DelayedEviction.DISABLED, DelayedEviction.MANUAL)
+            note = f"delayed_eviction={mode.name} does not use memory pressure"
+        return None, "", note
     if opts.pressure_source is not None:
-        return opts.pressure_source
-    source, report = pressure.choose_pressure_source()
+        return opts.pressure_source, _source_name(opts.pressure_source), ""
+    try:
+        source, report = pressure.choose_pressure_source()
+    except pressure.PressureHandlingOff as exc:
+        log.info("host memory pressure is off for this file: %s", exc.note)
+        return None, "", exc.note
     for line in report:
         log.info("pressure source: %s", line)
-    return source
+    return source, _source_name(source), ""
 
 
 async def _watch_pressure(
-    source: Any,
+    source: PressureSource,
     mf: MemoryFile,
     opts: MemoryFileOpts,
     *,
@@ -146,11 +217,22 @@ class _MemoryFileContext:
         if opts is not None and not isinstance(opts, MemoryFileOpts):
             raise TypeError("opts must be a MemoryFileOpts")
         self._file = file
-        self._opts = (opts or MemoryFileOpts()).resolved()
+        self._asked = opts or MemoryFileOpts()
+        self._opts = self._asked.resolved()
         self._mf: MemoryFile | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        # Set on the first entry and never cleared: the object is single-use.
+        # An int fd is the caller's number, which may name another file by
+        # a second entry (ours was closed at the first exit).
+        self._entered = False
 
     async def __aenter__(self) -> MemoryFile:
+        if self._entered:
+            raise RuntimeError(
+                "this open_memory_file(...) object was already entered; it can be entered "
+                "only once (call open_memory_file(...) again for a new memory file)"
+            )
+        self._entered = True
         opts = self._opts
         fd, sealed = _prepare_fd(self._file, opts)
         try:
@@ -176,8 +258,9 @@ class _MemoryFileContext:
         try:
             await tg.start(run_releaser, mf)
             await tg.start(evictions.run)
-            if opts.use_host_memcg_pressure:
-                source = _pressure_source(opts)
+            source, name, note = _pressure_source(self._asked, opts)
+            mf._pressure_choice = (name, note)
+            if source is not None:
                 await tg.start(_watch_pressure, source, mf, opts)
         except BaseException as exc:
             tg.cancel_scope.cancel()
@@ -186,8 +269,11 @@ class _MemoryFileContext:
             except BaseExceptionGroup as group:
                 # The task group wraps the failure it was handed; when the
                 # group holds nothing else, let the failure out as itself.
-                if not _only_exception(group, exc):
+                out = _unwrap(group, exc)
+                if out is None:
                     raise
+                if out is not exc:
+                    _raise_unwrapped(group, out, exc)
             finally:
                 # The block was never entered: a caller's fd stays the caller's.
                 self._close(mf, evictions, close_fd=not isinstance(self._file, int))
@@ -220,14 +306,18 @@ class _MemoryFileContext:
         tb: TracebackType | None,
     ) -> None:
         mf, tg = self._mf, self._tg
-        assert mf is not None and tg is not None
+        if mf is None or tg is None:
+            raise RuntimeError("this open_memory_file(...) object is not entered")
         self._mf = self._tg = None
         tg.cancel_scope.cancel()
         try:
             await tg.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
-            if exc is None or not _only_exception(group, exc):
+            out = _unwrap(group, exc)
+            if out is None:
                 raise
+            if out is not exc:
+                _raise_unwrapped(group, out, exc)
         finally:
             assert mf._evictions is not None
             self._close(mf, mf._evictions)
@@ -245,9 +335,20 @@ def open_memory_file(
 
     Leaving the block stops the background tasks, closes the file and unmaps
     it; memoryviews still alive stay valid until dropped (a warning is
-    logged).  An exception raised in the block comes out as itself.
+    logged).  An exception raised in the block comes out as itself, and so
+    does a ``KeyboardInterrupt`` or ``SystemExit`` raised in user code the
+    file's tasks call (an ``evict``, a pressure source), on every backend.
 
-    Raises ``TypeError`` for a bad ``file`` or ``opts``, ``ValueError`` if the
-    file is not a regular file, ``OSError`` if it cannot be set up.
+    With host pressure asked for and ``MEMORY_PRESSURE_WATCH=/dev/null``
+    (systemd's ``MemoryPressureWatch=off``) the file opens with host
+    pressure off, logs that once at INFO, and ``mf.stats().pressure_note``
+    says so; ``mf.stats().pressure_source`` names the source in use.
+
+    The returned object can be entered once.  Raises ``TypeError`` for a
+    bad ``file`` or ``opts``; on entering, ``RuntimeError`` if it was
+    entered before (nothing is touched then), ``ValueError`` if the file is
+    not a regular file, ``OSError`` if it cannot be set up
+    (``NoPressureSourceError`` when host pressure is asked for and no
+    source works).
     """
     return _MemoryFileContext(file, opts)

@@ -184,6 +184,9 @@ class MemoryFile:
         self._io_users = 0  # I/O leases out (see the module notes)
         self._close_fd = True  # whether closing closes _fd (not a caller's fd on failed open)
         # ---- set by the lifecycle code (open_memory_file)
+        # Set once at open, for stats(): the pressure source's name ("" for
+        # none) and, when there is none, why.
+        self._pressure_choice: tuple[str, str] = ("", "")
         self._on_progress: Callable[[], None] = lambda: None
         self._progress_event: anyio.Event
 
@@ -674,10 +677,32 @@ class MemoryFile:
     def share(self, readonly: bool = True) -> int:
         """A new fd of the same file, for another process (pass it over a
         Unix socket, or with ``pass_fds``).  The caller owns and closes it.
+        The fd is close-on-exec.
 
-        A read-only fd can neither write nor grow the file; no fd can shrink
-        a memfd this library created (it is sealed against shrinking).  The
-        fd is close-on-exec.  Raises ``OSError``, ``ClosedError``.
+        ``readonly=True`` opens the file again ``O_RDONLY``; a memfd this
+        library created is mode 0444 and sealed against shrinking and
+        against new seals.  That stops a holder that runs under another uid
+        than the file's owner (the uid this process had when it opened the
+        file) and has none of CAP_DAC_OVERRIDE, CAP_FOWNER, or
+        CAP_SYS_PTRACE over this process: it can read, but every route to
+        write into the pages or grow the file is refused (write calls,
+        fallocate, shared writable mappings, mprotect, seals, reopening
+        ``/proc/<pid>/fd/N`` read-write, ``/proc/<pid>/mem``,
+        ``pidfd_getfd``).  It does not stop root, nor such a capability:
+        CAP_DAC_OVERRIDE reopens the fd read-write, CAP_FOWNER (or running
+        as the file's owner uid) chmods the file back and reopens it, and
+        CAP_SYS_PTRACE (or the same uid, where Yama allows ptrace) takes
+        this process's read-write fd; any of them can then write into live
+        pages and grow the file.  Hand read-only shares to processes of
+        another, unprivileged uid.  ``F_SEAL_FUTURE_WRITE`` would stop root
+        as well, but it also refuses the allocator's own hole punching and
+        ``MADV_REMOVE`` and any new writable mapping, so it is not used.
+        ``tests/test_share_privileges.py`` proves each of these.  A file
+        passed in as ``open_memory_file(file=...)`` keeps its own mode and
+        seals, which decide instead.
+
+        No fd, read-write ones included, can shrink a memfd this library
+        created.  Raises ``OSError``, ``ClosedError``.
         """
         with self._io():
             return memfd.reopen(self._fd, readonly)

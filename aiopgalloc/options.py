@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass
-from typing import Any
 
+from .host.pressure_sources import PressureSource
 from .ranges import HUGE_PAGE_SIZE, PAGE_SIZE
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "AccessType", "CommitMode", "DelayedEviction", "MemoryFileOpts"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "MAX_CHUNK_SIZE",
+    "MAX_THRESHOLD_BYTES",
+    "MAX_THRESHOLD_RANGES",
+    "AccessType",
+    "CommitMode",
+    "DelayedEviction",
+    "MemoryFileOpts",
+]
 
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 """Bytes per mapping chunk, and the step by which the file grows.
@@ -17,6 +27,21 @@ DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 64 MiB keeps the number of mappings (VMAs, and one duplicated fd each, which
 Python's mmap keeps) small for files up to terabytes, while a small file
 stays a small sparse file."""
+
+MAX_THRESHOLD_BYTES = 1 << 47
+"""The largest memory file, in bytes: user space is 2**47 bytes on x86-64 and
+the whole file must be mappable (``MemoryFile`` refuses to grow past it).
+Also the upper bound of the byte thresholds of ``MemoryFileOpts``: no
+allocation or release batch can be larger."""
+
+MAX_CHUNK_SIZE = 1 << 46
+"""The largest ``chunk_size``: half the 2**47-byte user address space, so one
+whole chunk can still be mapped beside the rest of the process (a chunk of
+2**47 bytes fails at open with ``ENOMEM``)."""
+
+MAX_THRESHOLD_RANGES = MAX_THRESHOLD_BYTES // PAGE_SIZE
+"""The upper bound of ``release_inline_max_ranges``: a batch cannot hold more
+ranges than the largest file has pages."""
 
 
 class DelayedEviction(enum.Enum):
@@ -77,8 +102,8 @@ class MemoryFileOpts:
     - ``use_host_memcg_pressure``: drive evictions from the host's memory
       pressure notifications (only with ``ENABLED``; ignored, as in the
       reference, with ``DISABLED`` and ``MANUAL``).
-    - ``chunk_size``: bytes per mapping and growth step; a power of two, a
-      multiple of ``HUGE_PAGE_SIZE``.
+    - ``chunk_size``: bytes per mapping and growth step; a power of two from
+      ``HUGE_PAGE_SIZE`` to ``MAX_CHUNK_SIZE``.
     - ``recycle_max_bytes``: allocations up to this size may reuse freed pages
       that the releaser has not returned yet (zeroing them by hand); larger
       ones prefer clean pages while the file has room.  See
@@ -86,14 +111,37 @@ class MemoryFileOpts:
     - ``release_inline_max_bytes`` / ``release_inline_max_ranges``: a release
       batch at most this big is punched on the event loop; bigger ones go to
       a worker thread (a thread hop costs far more than a few small punches).
-    - ``pressure_source``: any pressure source (an async context manager that
-      is an async iterator of events with a ``level``; see
-      ``aiopgalloc.host.pressure``), used instead of the host's when given.
+    - ``pressure_source``: a pressure source (``PressureSource``: an async
+      context manager that is an async iterator of events with a ``level``;
+      see ``aiopgalloc.host.pressure``), used instead of the host's when
+      given and ``use_host_memcg_pressure`` is True.
     - ``evict_fraction_low`` / ``evict_fraction_medium``: graded eviction.  On
       a low (medium) pressure notification each evictable user is asked for
       this share of its evictable bytes, from the end; critical pressure
       always evicts everything.  1.0 (the default, and the reference's only
       behaviour) evicts everything at every level.
+
+    Every field is checked when the options are built, so a bad value fails
+    here and not when a file is opened:
+
+    ============================  =========  =====================================
+    field                         type       allowed
+    ============================  =========  =====================================
+    delayed_eviction              enum       a ``DelayedEviction``
+    use_host_memcg_pressure       bool       True or False (not 0/1, not a string)
+    chunk_size                    int        a power of two in
+                                             [``HUGE_PAGE_SIZE``, ``MAX_CHUNK_SIZE``]
+    recycle_max_bytes             int        [0, ``MAX_THRESHOLD_BYTES``]
+    release_inline_max_bytes      int        [0, ``MAX_THRESHOLD_BYTES``]
+    release_inline_max_ranges     int        [0, ``MAX_THRESHOLD_RANGES``]
+    pressure_source               object     None, or an instance with
+                                             ``__aenter__``, ``__aexit__``,
+                                             ``__aiter__``
+    evict_fraction_low / _medium  float/int  in (0, 1]
+    ============================  =========  =====================================
+
+    Raises ``TypeError`` for a value of the wrong type and ``ValueError`` for
+    one out of range, each naming the field and what it allows.
     """
 
     delayed_eviction: DelayedEviction = DelayedEviction.DEFAULT
@@ -102,32 +150,52 @@ class MemoryFileOpts:
     recycle_max_bytes: int = 2 * 1024 * 1024
     release_inline_max_bytes: int = 256 * 1024
     release_inline_max_ranges: int = 16
-    pressure_source: Any = None
+    pressure_source: PressureSource | None = None
     evict_fraction_low: float = 1.0
     evict_fraction_medium: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.delayed_eviction, DelayedEviction):
-            raise TypeError("delayed_eviction must be a DelayedEviction")
-        cs = self.chunk_size
-        if type(cs) is not int:
-            raise TypeError("chunk_size must be an int")
-        if cs < HUGE_PAGE_SIZE or cs & (cs - 1) or cs % PAGE_SIZE:
-            raise ValueError(
-                f"chunk_size must be a power of two and at least {HUGE_PAGE_SIZE}, got {cs}"
+            raise TypeError(
+                "MemoryFileOpts.delayed_eviction must be a DelayedEviction "
+                f"({', '.join(m.name for m in DelayedEviction)}), "
+                f"got {self.delayed_eviction!r}"
             )
+        if type(self.use_host_memcg_pressure) is not bool:
+            raise TypeError(
+                "MemoryFileOpts.use_host_memcg_pressure must be True or False, "
+                f"got {self.use_host_memcg_pressure!r}"
+            )
+        cs = self._int_in("chunk_size", HUGE_PAGE_SIZE, MAX_CHUNK_SIZE, "an int, a power of two")
+        if cs & (cs - 1) or cs % PAGE_SIZE:
+            raise ValueError(
+                f"MemoryFileOpts.chunk_size must be an int, a power of two in [{HUGE_PAGE_SIZE}, "
+                f"{_num(MAX_CHUNK_SIZE)}], got {cs}"
+            )
+        self._int_in("recycle_max_bytes", 0, MAX_THRESHOLD_BYTES)
+        self._int_in("release_inline_max_bytes", 0, MAX_THRESHOLD_BYTES)
+        self._int_in("release_inline_max_ranges", 0, MAX_THRESHOLD_RANGES)
+        _check_pressure_source(self.pressure_source)
         for name in ("evict_fraction_low", "evict_fraction_medium"):
             f = getattr(self, name)
             if isinstance(f, bool) or not isinstance(f, int | float):
-                raise TypeError(f"{name} must be a number")
-            if not 0.0 < f <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {f}")
-        for name in ("recycle_max_bytes", "release_inline_max_bytes", "release_inline_max_ranges"):
-            v = getattr(self, name)
-            if type(v) is not int:
-                raise TypeError(f"{name} must be an int")
-            if v < 0:
-                raise ValueError(f"{name} must be >= 0")
+                raise TypeError(f"MemoryFileOpts.{name} must be a number in (0, 1], got {f!r}")
+            if not (math.isfinite(f) and 0.0 < f <= 1.0):
+                raise ValueError(f"MemoryFileOpts.{name} must be in (0, 1], got {f!r}")
+
+    def _int_in(self, name: str, low: int, high: int, what: str = "an int") -> int:
+        """Check that field ``name`` is an int (not a bool) in [low, high];
+        an int subclass is stored as a plain int.  Returns the value."""
+        v = getattr(self, name)
+        allowed = f"{what} in [{low}, {_num(high)}]"
+        if type(v) is not int:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"MemoryFileOpts.{name} must be {allowed}, got {v!r}")
+            v = int(v)
+            object.__setattr__(self, name, v)  # frozen: the one way to normalize
+        if not low <= v <= high:
+            raise ValueError(f"MemoryFileOpts.{name} must be {allowed}, got {v}")
+        return v
 
     def resolved(self) -> MemoryFileOpts:
         """The options as the file applies them (the reference's rules):
@@ -140,3 +208,29 @@ class MemoryFileOpts:
         elif de in (DelayedEviction.DISABLED, DelayedEviction.MANUAL):
             use_pressure = False
         return dataclasses.replace(self, delayed_eviction=de, use_host_memcg_pressure=use_pressure)
+
+
+def _num(n: int) -> str:
+    """``n`` as a power of two when it is a big one (``2**47``), else decimal."""
+    return f"2**{n.bit_length() - 1}" if n >= 1 << 20 and n & (n - 1) == 0 else str(n)
+
+
+_SOURCE_METHODS = ("__aenter__", "__aexit__", "__aiter__")
+
+
+def _check_pressure_source(src: object) -> None:
+    """A structural check of ``pressure_source``: None, or an instance whose
+    type has the async context manager and async iterator methods (looked up
+    on the type, as ``async with`` and ``async for`` do)."""
+    if src is None:
+        return
+    what = (
+        "MemoryFileOpts.pressure_source must be None or a pressure source (an async "
+        "context manager that is an async iterator of pressure events; see "
+        "aiopgalloc.host.pressure)"
+    )
+    if isinstance(src, type):
+        raise TypeError(f"{what}, got the class {src.__name__}: pass an instance")
+    missing = [m for m in _SOURCE_METHODS if not callable(getattr(type(src), m, None))]
+    if missing:
+        raise TypeError(f"{what}, got {src!r}, whose type has no {', '.join(missing)}")

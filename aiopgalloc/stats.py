@@ -35,6 +35,12 @@ class FileStats:
     - ``evictions``: the eviction figures; ``pressure_low`` /
       ``pressure_medium`` / ``pressure_critical``: pressure notifications
       received, by level.
+    - ``pressure_source``: the name of the pressure source the file listens
+      to (``""`` when none); ``pressure_note``: when there is none, why
+      (``use_host_memcg_pressure`` is off, the eviction mode ignores it, or
+      the service manager switched pressure handling off, as in
+      ``"MEMORY_PRESSURE_WATCH=/dev/null: turned off by systemd"``).  Both
+      are fixed when the file opens.
     """
 
     usage: MemoryStats
@@ -55,6 +61,8 @@ class FileStats:
     pressure_low: int
     pressure_medium: int
     pressure_critical: int
+    pressure_source: str = ""
+    pressure_note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """The figures as nested plain dicts (for JSON or logging)."""
@@ -86,6 +94,7 @@ def take_stats(mf: MemoryFile) -> FileStats:
         if size - cur > largest:
             largest = size - cur
         pressure = dict(mf._pressure_counts)
+        source, note = mf._pressure_choice
         return FileStats(
             usage=mf.accounting.snapshot(),
             file_size=size,
@@ -105,4 +114,6 @@ def take_stats(mf: MemoryFile) -> FileStats:
             pressure_low=pressure.get(1, 0),
             pressure_medium=pressure.get(2, 0),
             pressure_critical=pressure.get(3, 0),
+            pressure_source=source,
+            pressure_note=note,
         )

@@ -1,23 +1,32 @@
 """``python -m aiopgalloc demo`` and ``info``, run as a user runs them: in
-subprocesses, checking the exit status, the closing summary, and that no
-memory cgroup and no temporary file is left behind (also after Ctrl-C and
-SIGTERM).  Plus the demo's pure parts: the file map parser (on a real
-``str(mf)``), the summary, and the rich view drawn into a string.
+subprocesses, checking the exit status, the closing summary, and that the
+memory cgroup and the temporary directory the run made are gone afterwards
+(also after Ctrl-C and SIGTERM).  Only what the run itself made is checked
+(the cgroup is named after the demo's pid, the directory is printed), so
+another demo running on the machine meanwhile does not fail these tests;
+the ``foreign_demo`` fixture plays that other demo.  Plus the demo's pure
+parts: the file map parser (on a real ``str(mf)``), the summary, and the
+rich view drawn into a string; and ``bench``'s argument checks (no
+benchmark is run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
 import pty
+import re
 import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +40,7 @@ from aiopgalloc import (
     MemoryStats,
     open_memory_file,
 )
-from aiopgalloc._cli import demo_map
+from aiopgalloc._cli import bench, demo_map
 from aiopgalloc._cli.demo_summary import RunFacts, summarize
 from aiopgalloc._cli.demo_view import Frame, Header, RichView
 from aiopgalloc.host.cgroup import current_memory_cgroup
@@ -42,18 +51,81 @@ CAN_MAKE_CGROUP = os.geteuid() == 0 and MEMCG is not None and os.access(MEMCG.pa
 P = PAGE_SIZE
 
 
-def _cgroup_children() -> set[str]:
-    """The child cgroups of this process's memory cgroup."""
-    if MEMCG is None:
-        return set()
-    return {p.name for p in MEMCG.path.iterdir() if p.is_dir()}
+def _own_cgroup(pid: int) -> Path | None:
+    """Where the demo with this pid makes its cgroup (``aiopgalloc-demo-<pid>``
+    under this process's memory cgroup, which the demo inherits)."""
+    return None if MEMCG is None else MEMCG.path / f"aiopgalloc-demo-{pid}"
 
 
-def _demo_tempdirs() -> set[str]:
-    found: set[str] = set()
-    for folder in {tempfile.gettempdir(), "/var/tmp", str(REPO)}:
-        found |= {str(p) for p in Path(folder).glob("aiopgalloc-demo-*")}
-    return found
+_MADE = re.compile(r"Made memory cgroup (\S+) \(cgroup v.*? sparse file (\S+?);")
+
+
+def _made(out: str) -> tuple[Path, Path] | None:
+    """The cgroup and the temporary directory the demo says it made."""
+    m = _MADE.search(_flat(out))
+    return None if m is None else (Path(m.group(1)), Path(m.group(2)).parent)
+
+
+def _check_own_cleanup(pid: int, out: str) -> None:
+    """Whatever this demo run made is gone (and nothing else is looked at)."""
+    own = _own_cgroup(pid)
+    made = _made(out)
+    if made is not None:
+        cgroup, tmpdir = made
+        assert cgroup == own, f"the demo made {cgroup}, not {own}"
+        assert tmpdir.name.startswith("aiopgalloc-demo-"), tmpdir
+        assert not tmpdir.exists(), f"the temporary directory {tmpdir} was left behind"
+    assert own is None or not own.exists(), f"the cgroup {own} was left behind"
+
+
+@pytest.fixture
+def foreign_demo() -> Iterator[None]:
+    """Another demo on the same machine: shortly after the test starts, a
+    cgroup ``aiopgalloc-demo-<pid of a live process>`` (which no demo's
+    sweep removes) and an ``aiopgalloc-demo-*`` temporary directory appear,
+    and stay until the test is over."""
+    sleeper = subprocess.Popen(["sleep", "300"])
+    made: list[Path] = []
+
+    def appear() -> None:
+        tmp = Path(tempfile.mkdtemp(prefix="aiopgalloc-demo-", dir=tempfile.gettempdir()))
+        made.append(tmp)
+        if CAN_MAKE_CGROUP:
+            assert MEMCG is not None
+            cgroup = MEMCG.path / f"aiopgalloc-demo-{sleeper.pid}"
+            cgroup.mkdir()
+            made.append(cgroup)
+
+    timer = threading.Timer(0.3, appear)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()
+        for path in reversed(made):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        sleeper.kill()
+        sleeper.wait()
+
+
+def _run_demo(
+    *args: str, cmd: tuple[str, ...] = (), cwd: Path = REPO, timeout: float = 90
+) -> tuple[int, subprocess.CompletedProcess[str]]:
+    """Run ``python -m aiopgalloc demo ...`` (after ``cmd``, which must exec
+    it, as ``setpriv`` does); returns the demo's pid and the result."""
+    argv = [*cmd, sys.executable, "-m", "aiopgalloc", "demo", *args]
+    proc = subprocess.Popen(
+        argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.pid, subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def _run(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -81,9 +153,8 @@ def _check_summary(out: str) -> None:
 # ---------------------------------------------------------------------------- demo
 
 
-def test_demo_plain_makes_real_pressure_where_it_can() -> None:
-    before, temps = _cgroup_children(), _demo_tempdirs()
-    res = _run("demo", "--seconds", "2", "--plain")
+def test_demo_plain_makes_real_pressure_where_it_can(foreign_demo: None) -> None:
+    pid, res = _run_demo("--seconds", "2", "--plain")
     assert res.returncode == 0, res.stdout + res.stderr
     _check_summary(res.stdout)
     out = _flat(res.stdout)
@@ -91,23 +162,23 @@ def test_demo_plain_makes_real_pressure_where_it_can() -> None:
         assert "Real pressure: this process runs inside memory cgroup" in out
         assert "Cleaned up: removed the cgroup" in out
         assert "the allocator received" in out
+        assert _made(res.stdout) is not None, "the demo did not say what it made"
     else:
         assert "Simulated pressure" in out
-    assert _cgroup_children() == before, "a cgroup was left behind"
-    assert _demo_tempdirs() == temps, "a temporary directory was left behind"
+    _check_own_cleanup(pid, res.stdout)
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "uvloop", "trio"])
-def test_demo_no_cgroup_on_each_backend(backend: str) -> None:
-    before = _cgroup_children()
-    res = _run("demo", "--seconds", "2", "--plain", "--no-cgroup", "--backend", backend)
+def test_demo_no_cgroup_on_each_backend(backend: str, foreign_demo: None) -> None:
+    pid, res = _run_demo("--seconds", "2", "--plain", "--no-cgroup", "--backend", backend)
     assert res.returncode == 0, res.stdout + res.stderr
     _check_summary(res.stdout)
     out = _flat(res.stdout)
     assert f"aiopgalloc demo on {backend}" in out
     assert "Simulated pressure: --no-cgroup was given" in out
     assert "received 3 notifications (low 1, medium 1, critical 1)" in out
-    assert _cgroup_children() == before
+    assert _made(res.stdout) is None
+    _check_own_cleanup(pid, res.stdout)
 
 
 def test_demo_plain_when_stdout_is_not_a_terminal() -> None:
@@ -118,27 +189,20 @@ def test_demo_plain_when_stdout_is_not_a_terminal() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root, setpriv")
-def test_demo_without_root_says_so_and_simulates() -> None:
+def test_demo_without_root_says_so_and_simulates(foreign_demo: None) -> None:
     """As an unprivileged user no cgroup can be made: the demo says why
     and drives the pressure through ManualPressure."""
     cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     probe = subprocess.run([*cmd, sys.executable, "-c", "import aiopgalloc"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"user 65534 cannot run this interpreter: {probe.stderr[-200:]!r}")
-    before = _cgroup_children()
-    res = subprocess.run(
-        [*cmd, sys.executable, "-m", "aiopgalloc", "demo", "--seconds", "1", "--plain"],
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    pid, res = _run_demo("--seconds", "1", "--plain", cmd=tuple(cmd), cwd=Path("/"), timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     out = _flat(res.stdout)
     assert "Simulated pressure: no memory cgroup could be made under" in out
     assert "permission denied" in out
     _check_summary(res.stdout)
-    assert _cgroup_children() == before
+    _check_own_cleanup(pid, res.stdout)
 
 
 def test_demo_rejects_bad_options() -> None:
@@ -204,8 +268,7 @@ def _wait_for(proc: subprocess.Popen[str], text: str, timeout: float) -> str:
 
 @pytest.mark.skipif(not CAN_MAKE_CGROUP, reason="needs root and a writable memory cgroup")
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
-def test_demo_cleans_up_when_interrupted(how: str) -> None:
-    before, temps = _cgroup_children(), _demo_tempdirs()
+def test_demo_cleans_up_when_interrupted(how: str, foreign_demo: None) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "aiopgalloc", "demo", "--seconds", "6", "--plain"],
         cwd=REPO,
@@ -215,8 +278,11 @@ def test_demo_cleans_up_when_interrupted(how: str) -> None:
         start_new_session=True,  # its own process group, as a terminal job
     )
     try:
-        _wait_for(proc, "phase 3/5: pressure", timeout=30)
-        assert _cgroup_children() != before, "the demo made no cgroup"
+        seen = _wait_for(proc, "phase 3/5: pressure", timeout=30)
+        own = _own_cgroup(proc.pid)
+        assert own is not None and own.is_dir(), "the demo made no cgroup"
+        made = _made(seen)
+        assert made is not None and made[0] == own and made[1].is_dir(), seen
         if how == "ctrl-c":
             os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
         else:
@@ -229,8 +295,7 @@ def test_demo_cleans_up_when_interrupted(how: str) -> None:
     assert proc.returncode == (130 if how == "ctrl-c" else 143), out + err
     assert "Cleaned up: removed the cgroup" in _flat(out), out + err
     assert "Traceback" not in err, err
-    assert _cgroup_children() == before, "a cgroup was left behind"
-    assert _demo_tempdirs() == temps, "a temporary directory was left behind"
+    _check_own_cleanup(proc.pid, seen + out)
 
 
 # ---------------------------------------------------------------------------- info
@@ -268,7 +333,52 @@ def test_info_when_systemd_disables_pressure() -> None:
     )
     assert res.returncode == 0, res.stderr
     assert "disabled by the service manager" in res.stdout
-    assert "=> none" in res.stdout
+    verdict = next(line for line in res.stdout.splitlines() if "=> " in line)
+    assert "=> none: host memory pressure is off" in verdict
+    assert "MEMORY_PRESSURE_WATCH=/dev/null: turned off by systemd" in verdict
+    assert "opens the file without it" in verdict and "would fail" not in verdict
+
+
+# ---------------------------------------------------------------------------- bench
+
+
+@pytest.mark.parametrize(
+    ("flag", "where", "says"),
+    [
+        ("--json", "missing/dir/x.json", "does not exist"),
+        ("--png", "missing/x.png", "does not exist"),
+        ("--json", "file.txt/x.json", "is not a directory"),
+        ("--json", ".", "is a directory"),
+    ],
+)
+def test_bench_refuses_an_output_path_it_cannot_write_before_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, where: str, says: str
+) -> None:
+    """The defect: ``--json /nonexistent/dir/x.json`` silently made the
+    directory tree (after the whole run).  Now exit status 2 and a message,
+    before anything runs (nothing printed on stdout, no directory made)."""
+    (tmp_path / "file.txt").write_text("not a directory")
+    target = tmp_path / where
+    argv = [flag, str(target), "--smoke", "--workloads", "6", "--backend", "asyncio"]
+    argv += ["--no-progress"]
+    if flag == "--png":
+        argv += ["--json", str(tmp_path / "ok.json")]
+    with pytest.raises(SystemExit) as info:
+        bench.main(argv)
+    out, err = capsys.readouterr()
+    assert info.value.code == 2
+    assert f"{flag} {target}" in err and says in err, err
+    assert out == "", "the benchmark started"
+    assert not (tmp_path / "missing").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_bench_refuses_a_missing_directory_from_the_command_line(tmp_path: Path) -> None:
+    res = _run("bench", "--json", str(tmp_path / "no" / "such" / "x.json"), timeout=60)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "the directory" in res.stderr and "does not exist" in res.stderr
+    assert res.stdout == ""
+    assert not (tmp_path / "no").exists()
 
 
 # -------------------------------------------------------------------- pure parts

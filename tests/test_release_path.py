@@ -10,6 +10,7 @@ from aiopgalloc import (
     PAGE_SIZE,
     ClosedError,
     DelayedEviction,
+    EvictableRange,
     FileRange,
     MemoryFileOpts,
     RefCountError,
@@ -40,7 +41,9 @@ def write(mf: object, fr: FileRange, byte: int) -> None:
         (FileRange(1, P + 1), ValueError),
         (FileRange(-P, P), ValueError),
         (FileRange(0, 1 << 63), ValueError),
-        ((0, P), None),  # a plain tuple takes the full check, and is fine
+        ((0, P), TypeError),  # a plain tuple takes the full check: not a FileRange
+        (EvictableRange(0, P), TypeError),  # a user's own offsets, not the file's
+        (FileRange(0, P), None),
         ([0, P], TypeError),
     ],
 )

@@ -21,7 +21,8 @@ informational checkpoint figures) run once, on the first backend chosen
 repetitions instead of 5, finishing in under a minute.
 
 Exit status: 0 when it ran (missed targets are reported, not errors); 2 for
-bad arguments.
+bad arguments, checked before anything runs: among them a ``--json`` or
+``--png`` path whose directory does not exist (it is not created).
 """
 
 from __future__ import annotations
@@ -145,9 +146,31 @@ def run_suite(cfg: Config, keys: list[int], progress: Any) -> list[WorkloadResul
     return results
 
 
+def _output_problem(flag: str, path: Path) -> str | None:
+    """Why the results cannot be written to ``path``, or None.  Checked
+    before the run, so a typo costs no benchmark run; the directory must
+    exist (it is not created: a mistyped path would silently make a tree)."""
+    parent = path.parent
+    if path.is_dir():
+        return f"{flag} {path}: is a directory"
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        return f"{flag} {path}: the directory {parent} {what}"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{flag} {path}: the directory {parent} is not writable"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m aiopgalloc bench``; returns the exit code."""
-    args = _parser().parse_args(argv)
+    """``python -m aiopgalloc bench``; returns the exit code.  Bad arguments
+    (an output file in a directory that does not exist included) exit with
+    status 2 before anything runs."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for flag, path in (("--json", args.json), ("--png", args.png)):
+        problem = None if path is None else _output_problem(flag, path)
+        if problem is not None:
+            parser.error(problem)
     backends, backend_notes = _backends(args.backend)
     if not backends:
         print("no backend available: " + "; ".join(backend_notes), file=sys.stderr)

@@ -11,7 +11,8 @@ Four sections:
   directory has PSI, and whether the demo can make a child cgroup here;
 - pressure sources: the report of ``choose_pressure_source`` (what
   ``open_memory_file(MemoryFileOpts(use_host_memcg_pressure=True))`` would
-  pick, and why not the others), then every candidate tried on its own,
+  pick, and why not the others; or that pressure handling is off, with
+  ``MEMORY_PRESSURE_WATCH=/dev/null``), then every candidate tried on its own,
   OK or why not.  Trying a source opens and closes it: a PSI trigger is
   written and removed, a v1 eventfd registered and released.
 """
@@ -193,12 +194,19 @@ def _pressure(memcg: cgroup.CgroupInfo | None) -> None:
     print("Pressure sources: what use_host_memcg_pressure=True picks, in order of preference")
     try:
         source, report = pressure.choose_pressure_source(cgroup=memcg)
-        chosen: str | None = source.name
+        verdict = source.name
+    except pressure.PressureHandlingOff as exc:
+        report = list(exc.report)
+        verdict = (
+            f"none: host memory pressure is off ({exc.note}); "
+            "open_memory_file(use_host_memcg_pressure=True) opens the file without it"
+        )
     except pressure.NoPressureSourceError as exc:
-        report, chosen = list(exc.report), None
+        report = list(exc.report)
+        verdict = "none: open_memory_file(use_host_memcg_pressure=True) would fail"
     for line in report:
         print(f"  {line}")
-    print(f"  => {chosen or 'none: open_memory_file(use_host_memcg_pressure=True) would fail'}")
+    print(f"  => {verdict}")
     print("Each source tried on its own (opened and closed again)")
     for label, make in candidates(memcg):
         if isinstance(make, str):

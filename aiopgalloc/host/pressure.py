@@ -95,11 +95,13 @@ from .pressure_systemd import SystemdPressureWatch, parse_systemd_environ
 
 __all__ = [
     "HOST_PSI_MEMORY",
+    "SYSTEMD_OFF_NOTE",
     "CgroupV1Pressure",
     "ManualPressure",
     "MemoryEvents",
     "NoPressureSourceError",
     "PressureEvent",
+    "PressureHandlingOff",
     "PressureLevel",
     "PressureSource",
     "PressureSourceBase",
@@ -115,6 +117,24 @@ __all__ = [
 
 HOST_PSI_MEMORY = Path("/proc/pressure/memory")
 """The host-wide PSI file for memory (the last resort of the chooser)."""
+
+SYSTEMD_OFF_NOTE = "MEMORY_PRESSURE_WATCH=/dev/null: turned off by systemd"
+"""Why there is no pressure source when the service manager switched
+pressure handling off (systemd sets ``/dev/null`` for
+``MemoryPressureWatch=off``)."""
+
+
+class PressureHandlingOff(NoPressureSourceError):
+    """Memory-pressure handling was switched off on purpose (today: by the
+    service manager, ``MEMORY_PRESSURE_WATCH=/dev/null``), so no source is
+    chosen.  Not a failure: ``open_memory_file`` opens the file with host
+    pressure off and says why (``note``, also in ``FileStats.pressure_note``).
+    A ``NoPressureSourceError``, so code that catches that still does."""
+
+    def __init__(self, report: list[str], note: str) -> None:
+        super().__init__(report)
+        self.note = note
+
 
 _LABELS = (
     "systemd MEMORY_PRESSURE_WATCH",
@@ -142,10 +162,11 @@ def choose_pressure_source(
     report has one line per candidate: chosen, or why not.
 
     ``MEMORY_PRESSURE_WATCH=/dev/null`` means the service manager switched
-    pressure handling off: nothing else is tried.  Raises
-    :class:`NoPressureSourceError` (its message lists every attempt) when
-    nothing works.  Cost: a few file reads and trigger writes, about a
-    millisecond.
+    pressure handling off: nothing else is tried and
+    :class:`PressureHandlingOff` is raised (a :class:`NoPressureSourceError`
+    whose ``note`` says why).  Raises :class:`NoPressureSourceError` (its
+    message lists every attempt) when nothing works.  Cost: a few file reads
+    and trigger writes, about a millisecond.
     """
     memcg = cgroup if cgroup is not None else _cgroup.current_memory_cgroup()
     if memcg is not None and memcg.version == 2:
@@ -164,7 +185,7 @@ def choose_pressure_source(
     if systemd is not None and systemd[0] == "/dev/null":
         report.append(f"{_LABELS[0]}: disabled by the service manager (set to /dev/null)")
         report.extend(f"{label}: not tried, pressure handling is disabled" for label in _LABELS[1:])
-        raise NoPressureSourceError(report)
+        raise PressureHandlingOff(report, SYSTEMD_OFF_NOTE)
 
     candidates: list[tuple[str, Callable[[], PressureSourceBase] | str]] = []
     if systemd is not None:
