@@ -68,8 +68,9 @@ class CommitMode(enum.Enum):
       faults it in (about 3.6 us per 4 KiB page here).  The default.
     - ``FALLOCATE``: ``fallocate(mode 0)`` reserves the memory up front
       (about 1-1.4 us per page); the user's first touch still takes a
-      (cheaper, minor) fault.  Fails with ``ENOSPC`` rather than the process
-      being killed later when memory is short.
+      (cheaper, minor) fault.  Where the kernel refuses the pages it fails
+      with ``OSError`` (``ENOSPC``, ``ENOMEM``) in the call, not later at a
+      touch.
     - ``POPULATE``: ``madvise(MADV_POPULATE_WRITE)`` faults every page in,
       writable, in one syscall (3-6 us per page); the user's writes then take
       no faults at all.  Falls back to touching each page where the kernel
@@ -77,7 +78,57 @@ class CommitMode(enum.Enum):
 
     Committing costs time in the ``allocate`` call itself (synchronous: call
     it from a worker thread for large ranges).  Committed pages are counted
-    as known committed at once.
+    as known committed at once.  A commit that fails (with the errors below
+    too) leaves nothing allocated: pages it committed are punched back out
+    and the allocator's state is as before the call.
+
+    Memory cgroup limits.  The pages are charged to the memory cgroup of the
+    process that commits them, and a charge over the cgroup's hard limit
+    does not come back as an error: the kernel runs the cgroup's OOM killer
+    inside the ``fallocate`` or ``madvise`` and the process is killed.  So
+    ``FALLOCATE`` and ``POPULATE`` look at the process's memory cgroup and
+    each ancestor up to the root of the hierarchy as mounted here.  When
+    some level has a limit (v1 ``memory.limit_in_bytes``, v2 ``memory.max``)
+    the pages are committed in steps of at most 64 MiB (a quarter of the
+    room when that is less, at least 2 MiB), and before each step every
+    limited level must satisfy::
+
+        limit - usage + reclaimable >= left + left / 128 + 8 MiB
+
+    ``left`` is the bytes still to commit; ``usage`` is v1
+    ``memory.usage_in_bytes``, v2 ``memory.current``; ``reclaimable`` is the
+    inactive clean page cache of the cgroup's subtree from ``memory.stat``
+    (v1 ``total_inactive_file - total_dirty - total_writeback``, v2
+    ``inactive_file - file_dirty - file_writeback``), read only when
+    ``limit - usage`` alone falls short.  ``left / 128`` covers what the
+    kernel charges for its own bookkeeping of the pages (page-cache index,
+    page tables); 8 MiB stays free for the rest of the process.  A step that
+    does not fit raises ``OSError(ENOMEM)`` naming the cgroup directory (as
+    ``filename``), its room and the bytes asked, and the call is undone as
+    above.  With no limit at any level, or no memory controller, the pages
+    are committed in one call as before.
+
+    Guaranteed: while nothing else charges memory to the cgroup during the
+    call, a commit that does not fit raises ``OSError(ENOMEM)`` and the
+    process lives on, and a commit that is let through had, before each
+    step, room for the rest of itself plus 1/128 plus 8 MiB at every
+    limited level.  Not guaranteed: the check and the step are not atomic,
+    so other processes or threads charging the cgroup meanwhile can still
+    bring the OOM killer (steps narrow that window to one step); swap is
+    not counted (with swap, a request over the limit is refused though the
+    kernel could have swapped); active page cache and other reclaimable
+    memory are not counted (a request that reclaim could have made room for
+    may be refused); limits above the mount point (a container's host
+    side), v1 ``memory.memsw.limit_in_bytes`` and soft limits, and v2
+    ``memory.high`` (which throttles, not kills) are not looked at; a level
+    whose files cannot be read or parsed counts as unlimited.
+
+    Cost of the check, medians here (cgroup v1, three levels, 2 cores):
+    about 45 us per call with no limit (one read of ``/proc/self/cgroup``
+    and each level's limit file; the directories are resolved once per
+    process and cgroup, 0.75-1.5 ms); with a limit about 70 us per step,
+    130 us when ``memory.stat`` is read.  A 64 MiB step itself takes about
+    14 ms (``FALLOCATE``) or 42 ms (``POPULATE``).
     """
 
     NONE = 0

@@ -28,10 +28,12 @@ recycle when the alternative is to grow the file.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .host import syscalls
+from .host import cgroup, syscalls
 from .options import CommitMode
 from .ranges import FileRange
 from .usage import LIVE, MemoryKind
@@ -138,11 +140,18 @@ def zero_recycled(mf: MemoryFile, recycled: Pieces) -> None:
 
 
 def commit_pages(mf: MemoryFile, start: int, end: int, kind: MemoryKind, mode: CommitMode) -> None:
-    """Commit a fresh allocation's pages, then count them known committed."""
+    """Commit a fresh allocation's pages, then count them known committed.
+
+    In a memory cgroup with a limit the commit goes in steps that each
+    check the cgroup's headroom first (``cgroup.commit_in_steps``): a
+    request that does not fit raises ``OSError(ENOMEM)`` instead of the
+    kernel's OOM killer ending the process; the caller undoes the steps."""
+    step: Callable[[int, int], None]
     if mode is CommitMode.FALLOCATE:
-        syscalls.commit(mf._fd, start, end - start)
+        step = functools.partial(syscalls.commit, mf._fd)
     else:
-        mf._mappings.populate(start, end - start)
+        step = mf._mappings.populate
+    cgroup.commit_in_steps(start, end - start, step)
     with mf._mu:
         usage, acct = mf._usage, mf.accounting
         live = LIVE[kind]
