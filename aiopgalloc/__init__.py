@@ -5,10 +5,10 @@ back to the kernel, async eviction callbacks under memory pressure, and
 honest per-kind accounting; on asyncio, asyncio + uvloop and trio alike.
 """
 
-from .checkpoint import CheckpointError, load_memory_file
+from .checkpoint_format import CheckpointError
 from .errors import ClosedError, RefCountError
 from .eviction_api import EvictableMemoryUser, EvictionStats
-from .lifecycle import open_memory_file
+from .lifecycle import load_memory_file, open_memory_file
 from .memory_file import MemoryFile
 from .options import AccessType, CommitMode, DelayedEviction, MemoryFileOpts
 from .ranges import HUGE_PAGE_SIZE, PAGE_SIZE, EvictableRange, FileRange

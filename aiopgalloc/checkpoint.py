@@ -68,17 +68,14 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import secrets
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, Any, Protocol
 
 import anyio
 import anyio.to_thread
 
-from . import usage_scan
 from .checkpoint_format import (
     CRC,
     PAGE_OFFSET,
@@ -95,15 +92,26 @@ from .checkpoint_format import (
 )
 from .errors import ClosedError
 from .host import syscalls
-from .lifecycle import _MemoryFileContext
-from .options import MemoryFileOpts
+from .host.handle import FileHandle
+from .host.mapping import FileMapping
 from .ranges import PAGE_SIZE
-from .usage import LIVE, MemoryKind, UsageInfo
+from .usage import MemoryKind
 
-if TYPE_CHECKING:
-    from .memory_file import MemoryFile
-
-__all__ = ["CheckpointError", "load_memory_file", "save"]
+__all__ = [
+    "CheckpointError",
+    "PageCursor",
+    "PathType",
+    "Progress",
+    "Readable",
+    "SavedBooks",
+    "Writable",
+    "check_save_args",
+    "check_source",
+    "open_source",
+    "read_books",
+    "read_pages",
+    "save_pages",
+]
 
 
 class Writable(Protocol):
@@ -145,57 +153,23 @@ def _swap_enabled() -> bool:
 # ------------------------------------------------------------------- saving
 
 
-@dataclass(slots=True)
-class _Plan:
+@dataclass(frozen=True, slots=True)
+class SavedBooks:
+    """What a checkpoint records of the books: the file size, the writer's
+    chunk size, and the live segments as ``(start, end, kind, refs)``."""
+
     file_size: int
     chunk_size: int
     segments: list[tuple[int, int, MemoryKind, int]]
 
 
-def _live_segments_locked(mf: MemoryFile) -> list[tuple[int, int, MemoryKind, int]]:
-    """Live segments as (start, end, kind, refs), neighbours with the same
-    kind and refs joined (known_committed is not saved).  Precondition: _mu."""
-    out: list[tuple[int, int, MemoryKind, int]] = []
-    for s, e, v in mf._usage:
-        if v.refs == 0:
-            continue  # being released: free
-        if out and out[-1][1] == s and out[-1][2] == v.kind and out[-1][3] == v.refs:
-            out[-1] = (out[-1][0], e, v.kind, v.refs)
-        else:
-            out.append((s, e, v.kind, v.refs))
-    return out
-
-
-def _snapshot(mf: MemoryFile) -> tuple[_Plan, int]:
-    """Refuse pending evictions, copy the books, and take an I/O lease (so a
-    close during the save cannot pull the fd or the mappings away; the
-    caller returns it).  Returns (plan, the fd to read the pages from)."""
-    mf._check_open()
-    ev = mf._evictions
-    if ev is not None:
-        st = ev.stats()
-        if st.users or st.outstanding:
-            raise RuntimeError(
-                f"cannot save while evictions are pending ({st.users} user(s) with "
-                f"evictable ranges, {st.outstanding} eviction(s) running): call "
-                "mf.start_evictions() and await mf.wait_for_evictions() first"
-            )
-    with mf._mu:
-        mf._check_open()
-        plan = _Plan(mf._file_size, mf._chunk_size, _live_segments_locked(mf))
-        mf._lease_locked()
-    return plan, mf._scan_fd
-
-
-def _check_unchanged(mf: MemoryFile, plan: _Plan) -> None:
-    with mf._mu:
-        mf._check_open()
-        if mf._file_size != plan.file_size or _live_segments_locked(mf) != plan.segments:
-            raise RuntimeError(
-                "pages were allocated or freed during save, so the checkpoint would not "
-                "match the pages; nothing usable was written (stop allocating and freeing "
-                "while saving)"
-            )
+def check_save_args(target: object, progress: object) -> None:
+    """Refuse a target that is neither a path nor a binary stream, and a
+    progress that is not callable (``TypeError``)."""
+    if not _is_path(target) and not callable(getattr(target, "write", None)):
+        raise TypeError(f"save: target must be a path or a binary stream, not {type(target)}")
+    if progress is not None and not callable(progress):
+        raise TypeError("save: progress must be a callable or None")
 
 
 def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -213,14 +187,14 @@ def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple
     return out
 
 
-def _committed_runs(mf: MemoryFile, fd: int, plan: _Plan) -> list[tuple[int, int]]:
+def _committed_runs(handle: FileHandle, saved: SavedBooks) -> list[tuple[int, int]]:
     """The committed runs inside the live pages (worker thread)."""
-    spans = merge_spans((s, e) for s, e, _k, _r in plan.segments)
+    spans = merge_spans((s, e) for s, e, _k, _r in saved.segments)
     if not spans:
         return []
     if _swap_enabled():
-        return _intersect(spans, syscalls.data_ranges(fd, 0, plan.file_size))
-    return usage_scan.scan(mf, spans)
+        return _intersect(spans, syscalls.data_ranges(handle.scan_fd, 0, saved.file_size))
+    return handle.mapping.resident_runs(spans)
 
 
 def _batches(runs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
@@ -250,7 +224,7 @@ class _Output:
             self.path = os.fsdecode(os.fspath(target))
             # Written beside the target and renamed over it at the end, so a
             # failed save never leaves a half-written file under that name.
-            self.tmp = f"{self.path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            self.tmp = f"{self.path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
             self._stream: Any = open(self.tmp, "xb", buffering=1 << 20)  # noqa: SIM115
         else:
             self._stream = target
@@ -347,14 +321,19 @@ class _Output:
         self.tmp = None
 
 
-async def save(
-    mf: MemoryFile,
+async def save_pages(
+    saved: SavedBooks,
+    handle: FileHandle,
     target: PathType | Writable,
-    progress: Progress | None = None,
+    progress: Progress | None,
     *,
-    fsync: bool = True,
+    fsync: bool,
+    unchanged: Callable[[], None],
+    closed: Callable[[], bool],
 ) -> int:
-    """Write a checkpoint of ``mf`` to ``target``; return its size in bytes.
+    """Write a checkpoint of ``saved`` and the file's pages to ``target``;
+    return its size in bytes (the body of ``MemoryFile.save``, which holds
+    a lease on ``handle`` meanwhile).
 
     ``target`` is a path (written to a temporary file beside it, then
     renamed over it, so it is replaced whole or not at all; with ``fsync``
@@ -365,43 +344,33 @@ async def save(
     ``progress(done, total)`` is called on the event loop after each batch,
     in committed bytes examined: ``done`` grows and ends equal to ``total``
     (once with ``(0, 0)`` when nothing is committed); an exception from it
-    aborts the save.
+    aborts the save.  ``unchanged()`` raises when the books changed since
+    ``saved`` was taken (checked before the END section is written);
+    ``closed()`` says the file closed (checked between batches: the save
+    then raises ``ClosedError``).
 
-    The caller must not write into live pages during the save; allocating
-    or freeing meanwhile makes it fail (see the module docstring).
-
-    Cost: a copy of the books under the lock (O(segments)), one mincore
-    scan of the live pages (about 11 ms per GiB), then reading and writing
-    the committed bytes (all-zero pages are read but not written), in
-    worker threads, one hop per 64 MiB.
-
-    Raises ``TypeError`` for a bad target or progress, ``RuntimeError`` when
-    evictions are pending or the allocations changed during the save,
-    ``ClosedError``, ``OSError`` from reading or writing.
+    Cost: one mincore scan of the live pages, then reading and writing the
+    committed bytes (all-zero pages are read but not written), in worker
+    threads, one hop per 64 MiB.
     """
-    if not _is_path(target) and not callable(getattr(target, "write", None)):
-        raise TypeError(f"save: target must be a path or a binary stream, not {type(target)}")
-    if progress is not None and not callable(progress):
-        raise TypeError("save: progress must be a callable or None")
-    plan, fd = _snapshot(mf)
     out: _Output | None = None
     try:
-        runs = await anyio.to_thread.run_sync(_committed_runs, mf, fd, plan)
+        runs = await anyio.to_thread.run_sync(_committed_runs, handle, saved)
         total = sum(e - s for s, e in runs)
         out = await anyio.to_thread.run_sync(_Output, target, fsync)
-        meta = encode_header(plan.chunk_size) + encode_meta(plan.file_size, plan.segments)
+        meta = encode_header(saved.chunk_size) + encode_meta(saved.file_size, saved.segments)
         await anyio.to_thread.run_sync(out.write, meta)
         done = 0
         for batch in _batches(runs):
-            if mf.closed:
+            if closed():
                 raise ClosedError("memory file closed during save")
-            await anyio.to_thread.run_sync(out.write_pages, fd, batch)
+            await anyio.to_thread.run_sync(out.write_pages, handle.scan_fd, batch)
             done += sum(e - s for s, e in batch)
             if progress is not None:
                 progress(done, total)
         if total == 0 and progress is not None:
             progress(0, 0)
-        _check_unchanged(mf, plan)
+        unchanged()
         await anyio.to_thread.run_sync(out.finish)
         return out.pos
     except BaseException:
@@ -409,8 +378,6 @@ async def save(
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(out.abort)
         raise
-    finally:
-        mf._unlease()
 
 
 # ------------------------------------------------------------------ loading
@@ -422,7 +389,7 @@ _NEED_BINARY = (
 )
 
 
-def _open_source(source: Any) -> tuple[CheckpointReader, IO[bytes] | None]:
+def open_source(source: Any) -> tuple[CheckpointReader, IO[bytes] | None]:
     """A reader over ``source`` and the file to close afterwards (if ours).
 
     A stream that is not an ``io.TextIOBase`` but still reads ``str`` is
@@ -452,14 +419,14 @@ def _open_source(source: Any) -> tuple[CheckpointReader, IO[bytes] | None]:
 
 
 @dataclass(slots=True)
-class _PageCursor:
+class PageCursor:
     prev_end: int = 0
     runs: int = 0
     nbytes: int = 0
 
 
-def _read_pages(
-    mf: MemoryFile, inp: CheckpointReader, meta: Metadata, cur: _PageCursor
+def read_pages(
+    mapping: FileMapping, inp: CheckpointReader, meta: Metadata, cur: PageCursor
 ) -> tuple[list[tuple[int, int]], bool]:
     """Read PAGE sections straight into the mappings until about _BATCH
     bytes are in or END is reached (worker thread).  Returns the runs
@@ -489,7 +456,7 @@ def _read_pages(
                 "misaligned, out of order or outside the live pages"
             )
         crc = zlib.crc32(raw, zlib.crc32(head))
-        views = mf._mappings.views(off, n, True)
+        views = mapping.views(off, n, True)
         try:
             for v in views:
                 inp.readinto_exact(v, f"page run at offset {at}")
@@ -506,105 +473,16 @@ def _read_pages(
     return written, False
 
 
-async def _restore(mf: MemoryFile, inp: CheckpointReader, meta: Metadata) -> None:
-    """Install the books into a fresh file, then the pages, marking what was
-    written known-committed (and accounted per kind)."""
-    with mf._mu:
-        mf._check_open()
-        if meta.file_size > mf._file_size:
-            mf._grow_locked(meta.file_size)
-        usage = mf._usage
-        for s, e, kind, refs in meta.segments:
-            usage.add(s, e, LIVE[kind][False] if refs == 1 else UsageInfo(kind, False, refs))
-    cur = _PageCursor()
-    while True:
-        seq = mf._commit_seq
-        written, done = await anyio.to_thread.run_sync(_read_pages, mf, inp, meta, cur)
-        if written and not usage_scan.apply_scan(mf, seq, merge_spans(written)):
-            raise RuntimeError("pages were punched out of the file while it was being loaded")
-        if done:
-            return
+def check_source(source: object) -> None:
+    """Refuse a source that is neither a path nor a binary stream
+    (``TypeError``), before anything is opened."""
+    if not _is_path(source) and not callable(getattr(source, "read", None)):
+        raise TypeError(f"source must be a path or a binary stream, not {type(source)}")
+    if isinstance(source, io.TextIOBase):
+        raise TypeError(_NEED_BINARY.format(type(source).__name__))
 
 
-class _LoadContext:
-    """The async context manager returned by ``load_memory_file``."""
-
-    def __init__(self, source: PathType | Readable, opts: MemoryFileOpts | None) -> None:
-        if not _is_path(source) and not callable(getattr(source, "read", None)):
-            raise TypeError(f"source must be a path or a binary stream, not {type(source)}")
-        if isinstance(source, io.TextIOBase):
-            raise TypeError(_NEED_BINARY.format(type(source).__name__))
-        self._source = source
-        self._ctx = _MemoryFileContext(None, opts)
-        chunk = (opts or MemoryFileOpts()).chunk_size
-        self._max_end = (_MAX_OFFSET // chunk) * chunk
-        self._entered = False  # single-use, as open_memory_file's object
-
-    async def __aenter__(self) -> MemoryFile:
-        if self._entered:
-            raise RuntimeError(
-                "this load_memory_file(...) object was already entered; it can be entered "
-                "only once (call load_memory_file(...) again to load another copy)"
-            )
-        self._entered = True
-        inp, owned = await anyio.to_thread.run_sync(_open_source, self._source)
-        try:
-
-            def head() -> Metadata:
-                inp.read_header()
-                return inp.read_meta(self._max_end)
-
-            meta = await anyio.to_thread.run_sync(head)
-            mf = await self._ctx.__aenter__()
-            try:
-                await _restore(mf, inp, meta)
-            except BaseException as exc:
-                await self._ctx.__aexit__(type(exc), exc, exc.__traceback__)
-                raise
-        finally:
-            if owned is not None:
-                owned.close()
-        return mf
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._ctx.__aexit__(exc_type, exc, tb)
-
-
-def load_memory_file(
-    source: PathType | Readable, opts: MemoryFileOpts | None = None
-) -> _LoadContext:
-    """Open a memory file restored from a checkpoint:
-    ``async with load_memory_file(path) as mf: ...``.
-
-    Like ``open_memory_file`` (a fresh memfd, the same background tasks,
-    the same ``opts``), with the saved books and pages installed before the
-    block is entered: the same offsets, kinds, reference counts and bytes.
-    The pages written back are committed, so they are marked known-committed
-    and accounted per kind: ``mf.accounting`` equals the saved file's after
-    ``update_usage()``, less its freed pages and its all-zero committed
-    pages (neither is saved).  The file size is the saved one, rounded up
-    to whole chunks of ``opts.chunk_size``.
-
-    ``source`` is a path or a blocking binary stream (``read()``, better
-    ``readinto()``; read from worker threads, exactly up to the end of the
-    checkpoint, and not closed).  A text stream is refused with
-    ``TypeError`` before anything is opened.  The returned object can be
-    entered once; a second entry raises ``RuntimeError``.
-
-    Cost: reading the checkpoint once, the pages straight into the file's
-    mappings (first-touch faults, about 3.6 us per page), in worker
-    threads, one hop per 64 MiB.
-
-    Raises ``CheckpointError`` (a ``ValueError``) naming the section and
-    offset for input that is not a checkpoint, is damaged or truncated, or
-    is of a newer format version; ``TypeError`` for a bad source or opts;
-    ``OSError`` from reading the source or growing the file.  On any error
-    nothing is left behind: the new file, its fds and its tasks are gone.
-    An exception raised in the block comes out as itself.
-    """
-    return _LoadContext(source, opts)
+def read_books(inp: CheckpointReader, max_end: int) -> Metadata:
+    """Read and check the header and the META section (worker thread)."""
+    inp.read_header()
+    return inp.read_meta(max_end)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import anyio
 import anyio.abc
@@ -13,17 +13,26 @@ from .options import AccessType
 from .ranges import PAGE_SIZE, FileRange
 from .usage import MemoryKind
 
-if TYPE_CHECKING:
-    from .memory_file import MemoryFile
-
 __all__ = ["allocate_and_fill"]
+
+
+class _File(Protocol):
+    """What filling needs of a memory file (its public calls)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def allocate(self, length: int, kind: MemoryKind = ...) -> FileRange: ...
+
+    def map_internal(self, fr: FileRange, at: AccessType = ...) -> list[memoryview]: ...
+
+    def dec_ref(self, fr: FileRange) -> None: ...
+
 
 _STEP = 8 << 20  # bytes per readinto call (and per thread hop)
 
 
-async def allocate_and_fill(
-    mf: MemoryFile, length: int, kind: MemoryKind, reader: object
-) -> FileRange:
+async def allocate_and_fill(mf: _File, length: int, kind: MemoryKind, reader: object) -> FileRange:
     """The body of ``MemoryFile.allocate_and_fill``."""
     if not (
         callable(getattr(reader, "readinto", None))

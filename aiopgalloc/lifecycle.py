@@ -18,28 +18,47 @@ event loop re-raises such an exception out of ``run`` at once.)
 An ``open_memory_file(...)`` or ``load_memory_file(...)`` object is entered
 at most once: a second entry, nested or after the first ended, raises
 ``RuntimeError`` before touching the file.
+
+Every part of a memory file is built here, in one place: the file handle
+(fds and mapping), the page books and the lock that guards them, the
+wake-ups, the evictions, the pressure status, the ``MemoryFile`` front, the
+releaser; a checkpoint being loaded is read into the books and the mapping
+before the block is entered.  Closing happens in the reverse order: the
+front first (every later call raises ``ClosedError``), then the
+evictions, the wake-ups, and the handle (whose fds close once no call in
+flight holds a lease).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
+import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import NoReturn, Protocol
 
 import anyio
 import anyio.abc
 
+from . import checkpoint
+from ._books import PageBooks
+from ._releaser import Releaser
+from ._wakeups import Wakeups
+from .arguments import MAX_OFFSET
+from .checkpoint_format import CheckpointReader, Metadata, merge_spans
 from .eviction import Evictions
 from .host import memfd, pressure
+from .host.handle import FileHandle
 from .host.pressure_sources import PressureSource
 from .memory_file import MemoryFile
 from .options import DelayedEviction, MemoryFileOpts
 from .ranges import PAGE_SIZE
-from .reclaim import run_releaser
+from .stats import PressureStatus
 
-__all__ = ["open_memory_file"]
+__all__ = ["load_memory_file", "open_memory_file"]
 
 log = logging.getLogger("aiopgalloc")
 
@@ -173,7 +192,9 @@ def _pressure_source(
 
 async def _watch_pressure(
     source: PressureSource,
-    mf: MemoryFile,
+    status: PressureStatus,
+    evictions: Evictions,
+    release_freed: Callable[[], None],
     opts: MemoryFileOpts,
     *,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
@@ -186,7 +207,6 @@ async def _watch_pressure(
     or fails once open is logged and the watcher stops; the file keeps
     working.  A failure to open the source fails the open."""
     fractions = {1: opts.evict_fraction_low, 2: opts.evict_fraction_medium}
-    name = getattr(source, "name", source)
     started = False
     try:
         async with source:
@@ -194,20 +214,85 @@ async def _watch_pressure(
             started = True
             async for event in source:
                 level = int(event.level)
-                counts = mf._pressure_counts
-                counts[level] = counts.get(level, 0) + 1
-                assert mf._evictions is not None
+                status.count(level)
                 # Freed pages first: lone ones may be waiting to merge.
-                mf._release_all_soon()
-                mf._evictions.on_pressure(level, fractions.get(level, 1.0))
+                release_freed()
+                evictions.on_pressure(level, fractions.get(level, 1.0))
     except pressure.PressureSourceGone as exc:
         if not started:
             raise
-        log.warning("memory pressure source %s is gone: %s", name, exc)
+        log.warning("memory pressure source %s is gone: %s", status.source, exc)
     except Exception:
         if not started:
             raise
-        log.exception("memory pressure source %s failed; no more pressure notifications", name)
+        log.exception(
+            "memory pressure source %s failed; no more pressure notifications", status.source
+        )
+
+
+class _Parts:
+    """Every part of one memory file, built together and closed together."""
+
+    def __init__(self, fd: int, opts: MemoryFileOpts, pressure_status: PressureStatus) -> None:
+        """Take ``fd`` (prepared: one chunk long).  Must run on the event
+        loop.  Raises ``OSError``; on failure nothing is left open but
+        ``fd`` (the caller's to close)."""
+        chunk = opts.chunk_size
+        self.opts = opts
+        self.handle = FileHandle(fd, chunk)
+        try:
+            self.handle.mapping.set_file_size(chunk)
+            self.wakeups = Wakeups()
+        except BaseException:
+            self.handle.close(close_fd=False)
+            raise
+        self.lock = threading.Lock()
+        self.books = PageBooks(
+            file_size=chunk,
+            max_end=(MAX_OFFSET // chunk) * chunk,
+            recycle_max_bytes=opts.recycle_max_bytes,
+        )
+        self.evictions = Evictions(opts, self.wakeups.wake)
+        self.pressure = pressure_status
+        self.on_close = contextlib.ExitStack()
+        self.mf = MemoryFile(
+            opts=opts,
+            lock=self.lock,
+            books=self.books,
+            handle=self.handle,
+            wakeups=self.wakeups,
+            evictions=self.evictions,
+            pressure=pressure_status,
+            on_close=self.on_close,
+        )
+        self.releaser = Releaser(
+            lock=self.lock,
+            books=self.books,
+            handle=self.handle,
+            wakeups=self.wakeups,
+            opts=opts,
+            on_idle=self.evictions.on_releaser_idle,
+        )
+
+    def close(self, *, close_fd: bool = True) -> None:
+        """Close every part (after the task group ended)."""
+        self.on_close.close()  # the front: every later call raises ClosedError
+        self.evictions.close()
+        # Waiters in wait_for_reclaim() wake, see the file closed and raise.
+        self.wakeups.progress()
+        self.wakeups.close()
+        self.handle.close(close_fd=close_fd)
+
+    def grow(self, size: int) -> None:
+        """Grow a fresh file to ``size`` (rounded up to whole chunks)."""
+        chunk = self.opts.chunk_size
+        size = (size + chunk - 1) // chunk * chunk
+        if size <= self.books.file_size:
+            return
+        memfd.truncate(self.handle.fd, size)
+        self.handle.mapping.set_file_size(size)
+        with self.lock:
+            self.books.grow(size)
 
 
 class _MemoryFileContext:
@@ -219,49 +304,61 @@ class _MemoryFileContext:
         self._file = file
         self._asked = opts or MemoryFileOpts()
         self._opts = self._asked.resolved()
-        self._mf: MemoryFile | None = None
+        self._parts: _Parts | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         # Set on the first entry and never cleared: the object is single-use.
         # An int fd is the caller's number, which may name another file by
         # a second entry (ours was closed at the first exit).
         self._entered = False
+        self._what = "open_memory_file"
 
-    async def __aenter__(self) -> MemoryFile:
+    def _enter_once(self) -> None:
         if self._entered:
             raise RuntimeError(
-                "this open_memory_file(...) object was already entered; it can be entered "
-                "only once (call open_memory_file(...) again for a new memory file)"
+                f"this {self._what}(...) object was already entered; it can be entered "
+                f"only once (call {self._what}(...) again for a new memory file)"
             )
         self._entered = True
+
+    async def __aenter__(self) -> MemoryFile:
+        self._enter_once()
+        return await self._open()
+
+    async def _open(self, meta: Metadata | None = None) -> MemoryFile:
+        """Build the parts, start the tasks; with ``meta``, book the saved
+        segments first.  Returns the front."""
         opts = self._opts
         fd, sealed = _prepare_fd(self._file, opts)
+        caller_fd = isinstance(self._file, int)
         try:
             err = memfd.ima_workaround(fd, PAGE_SIZE)
             if err is not None:
                 log.warning("could not pre-map the file PROT_EXEC (IMA work-around): %s", err)
-            mf = MemoryFile(fd, opts, sealed=sealed)
+            source, name, note = _pressure_source(self._asked, opts)
+            parts = _Parts(fd, opts, PressureStatus(name, note))
         except BaseException:
-            if not isinstance(self._file, int):
+            if not caller_fd:
                 os.close(fd)
             raise
-        evictions = Evictions(opts, mf._wake_releaser)
-        mf._evictions = evictions
-        mf._progress_event = anyio.Event()
-
-        def progress() -> None:
-            ev, mf._progress_event = mf._progress_event, anyio.Event()
-            ev.set()
-
-        mf._on_progress = progress
+        log.debug("memory file opened: fd %d, sealed %s, pressure %s", fd, sealed, name or note)
         tg = anyio.create_task_group()
         await tg.__aenter__()
         try:
-            await tg.start(run_releaser, mf)
-            await tg.start(evictions.run)
-            source, name, note = _pressure_source(self._asked, opts)
-            mf._pressure_choice = (name, note)
+            if meta is not None:
+                parts.grow(meta.file_size)
+                with parts.lock:
+                    parts.books.restore(list(meta.segments))
+            await tg.start(parts.releaser.run)
+            await tg.start(parts.evictions.run)
             if source is not None:
-                await tg.start(_watch_pressure, source, mf, opts)
+                await tg.start(
+                    _watch_pressure,
+                    source,
+                    parts.pressure,
+                    parts.evictions,
+                    parts.mf.release_freed_soon,
+                    opts,
+                )
         except BaseException as exc:
             tg.cancel_scope.cancel()
             try:
@@ -276,13 +373,13 @@ class _MemoryFileContext:
                     _raise_unwrapped(group, out, exc)
             finally:
                 # The block was never entered: a caller's fd stays the caller's.
-                self._close(mf, evictions, close_fd=not isinstance(self._file, int))
+                parts.close(close_fd=not caller_fd)
             raise
-        self._mf, self._tg = mf, tg
+        self._parts, self._tg = parts, tg
         # The caller's file object is ours now.
-        if self._file is not None and not isinstance(self._file, int):
+        if self._file is not None and not caller_fd:
             self._detach_caller_object()
-        return mf
+        return parts.mf
 
     def _detach_caller_object(self) -> None:
         # We own a duplicate of its fd (see _prepare_fd): close the caller's
@@ -294,21 +391,16 @@ class _MemoryFileContext:
             except Exception:
                 log.warning("closing the caller's file object failed", exc_info=True)
 
-    @staticmethod
-    def _close(mf: MemoryFile, evictions: Evictions, close_fd: bool = True) -> None:
-        mf._close(close_fd=close_fd)
-        evictions.close()
-
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        mf, tg = self._mf, self._tg
-        if mf is None or tg is None:
-            raise RuntimeError("this open_memory_file(...) object is not entered")
-        self._mf = self._tg = None
+        parts, tg = self._parts, self._tg
+        if parts is None or tg is None:
+            raise RuntimeError(f"this {self._what}(...) object is not entered")
+        self._parts = self._tg = None
         tg.cancel_scope.cancel()
         try:
             await tg.__aexit__(exc_type, exc, tb)
@@ -319,8 +411,58 @@ class _MemoryFileContext:
             if out is not exc:
                 _raise_unwrapped(group, out, exc)
         finally:
-            assert mf._evictions is not None
-            self._close(mf, mf._evictions)
+            parts.close()
+
+
+class _LoadContext(_MemoryFileContext):
+    """The async context manager returned by ``load_memory_file``."""
+
+    def __init__(
+        self, source: checkpoint.PathType | checkpoint.Readable, opts: MemoryFileOpts | None
+    ) -> None:
+        checkpoint.check_source(source)
+        super().__init__(None, opts)
+        self._source = source
+        self._what = "load_memory_file"
+
+    async def __aenter__(self) -> MemoryFile:
+        self._enter_once()
+        chunk = self._opts.chunk_size
+        max_end = (MAX_OFFSET // chunk) * chunk
+        inp, owned = await anyio.to_thread.run_sync(checkpoint.open_source, self._source)
+        try:
+            meta = await anyio.to_thread.run_sync(checkpoint.read_books, inp, max_end)
+            mf = await self._open(meta)
+            try:
+                await self._load_pages(inp, meta)
+            except BaseException as exc:
+                await self.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+        finally:
+            if owned is not None:
+                owned.close()
+        return mf
+
+    async def _load_pages(self, inp: CheckpointReader, meta: Metadata) -> None:
+        """Read the pages straight into the mapping, a batch per thread hop,
+        and book what was written as known committed."""
+        parts = self._parts
+        assert parts is not None
+        cur = checkpoint.PageCursor()
+        while True:
+            with parts.lock:
+                seq = parts.books.commit_seq
+            written, done = await anyio.to_thread.run_sync(
+                checkpoint.read_pages, parts.handle.mapping, inp, meta, cur
+            )
+            if written:
+                with parts.lock:
+                    if not parts.books.apply_scan(seq, merge_spans(written)):
+                        raise RuntimeError(
+                            "pages were punched out of the file while it was being loaded"
+                        )
+            if done:
+                return
 
 
 def open_memory_file(
@@ -352,3 +494,37 @@ def open_memory_file(
     source works).
     """
     return _MemoryFileContext(file, opts)
+
+
+def load_memory_file(
+    source: checkpoint.PathType | checkpoint.Readable, opts: MemoryFileOpts | None = None
+) -> _LoadContext:
+    """Open a memory file restored from a checkpoint:
+    ``async with load_memory_file(path) as mf: ...``.
+
+    Like ``open_memory_file`` (a fresh memfd, the same background tasks,
+    the same ``opts``), with the saved books and pages installed before the
+    block is entered: the same offsets, kinds, reference counts and bytes.
+    The pages written back are committed, so they are marked known-committed
+    and accounted per kind: ``mf.accounting`` equals the saved file's after
+    ``update_usage()``, less its freed pages and its all-zero committed
+    pages (neither is saved).  The file size is the saved one, rounded up
+    to whole chunks of ``opts.chunk_size``.
+
+    ``source`` is a path or a blocking binary stream (``read()``, better
+    ``readinto()``; read from worker threads, exactly up to the end of the
+    checkpoint, and not closed).  A text stream is refused with
+    ``TypeError`` before anything is opened.  The returned object can be
+    entered once; a second entry raises ``RuntimeError``.
+
+    Cost: reading the checkpoint once, the pages straight into the file's
+    mapping (first-touch faults), in worker threads, one hop per 64 MiB.
+
+    Raises ``CheckpointError`` (a ``ValueError``) naming the section and
+    offset for input that is not a checkpoint, is damaged or truncated, or
+    is of a newer format version; ``TypeError`` for a bad source or opts;
+    ``OSError`` from reading the source or growing the file.  On any error
+    nothing is left behind: the new file, its fds and its tasks are gone.
+    An exception raised in the block comes out as itself.
+    """
+    return _LoadContext(source, opts)

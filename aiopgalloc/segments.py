@@ -199,6 +199,15 @@ class SegmentSet(BlockedSegments[V]):
         """Whether segments cover every key of ``[start, end)``.  O(log n + k)."""
         return self.first_gap_in(start, end) is None
 
+    def largest_gap(self) -> int:
+        """The largest gap before any segment (from ``min_key`` for the
+        first); the gap after the last segment is not included.  O(1) from
+        the gap index (O(blocks) right after a block split or join)."""
+        if not self._len:
+            return 0
+        tree = self._tree if self._tree is not None else self._build_tree()
+        return tree[1]
+
     # ---------------------------------------------------------------- first fit
 
     def first_fit(self, length: int, key: int | None = None, alignment: int = 1) -> int | None:

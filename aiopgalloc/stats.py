@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
+from ._books import BooksFigures
 from .eviction_api import EvictionStats
-from .host import syscalls
-from .usage import MemoryStats
+from .usage import MemoryKind, MemoryStats
 
-if TYPE_CHECKING:
-    from .memory_file import MemoryFile
-
-__all__ = ["FileStats", "take_stats"]
+__all__ = ["FileStats", "PageRun", "PressureStatus"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,50 +68,80 @@ class FileStats:
         d["usage"] = self.usage.as_dict()
         return d
 
-
-def take_stats(mf: MemoryFile) -> FileStats:
-    """The body of ``MemoryFile.stats()``: one fstat, then one pass over the
-    books under the lock (O(segments), at C speed for the gap search)."""
-    with mf._io():
-        committed = syscalls.fstat_blocks_bytes(mf._fd)
-    assert mf._evictions is not None
-    evictions = mf._evictions.stats()
-    with mf._mu:
-        mf._check_open()
-        usage = mf._usage
-        live = usage.total_length - mf._releasing
-        largest = 0
-        cur = 0
-        size = mf._file_size
-        waste = mf._waste
-        # A free run is a gap of the usage set (clean and freed pages alike).
-        for s, e, _ in usage:
-            if s - cur > largest:
-                largest = s - cur
-            cur = e
-        if size - cur > largest:
-            largest = size - cur
-        pressure = dict(mf._pressure_counts)
-        source, note = mf._pressure_choice
-        return FileStats(
-            usage=mf.accounting.snapshot(),
-            file_size=size,
-            committed_bytes=committed,
-            known_committed_bytes=mf._known_committed,
-            live_bytes=live,
-            freed_bytes=waste.total_length,
-            releasing_bytes=mf._releasing,
-            release_backlog=waste.total_length + mf._releasing,
-            segments=len(usage),
-            largest_free_gap=largest,
-            releases=mf.releases,
-            bytes_released=mf.bytes_released,
-            recycled_bytes=mf.recycled_bytes,
-            allocations=mf.allocations,
+    @classmethod
+    def make(
+        cls,
+        books: BooksFigures,
+        committed_bytes: int,
+        evictions: EvictionStats,
+        pressure: PressureStatus,
+    ) -> FileStats:
+        """Assemble the figures of the file's parts (``MemoryFile.stats``)."""
+        low, medium, critical = pressure.counts()
+        return cls(
+            usage=books.usage,
+            file_size=books.file_size,
+            committed_bytes=committed_bytes,
+            known_committed_bytes=books.known_committed_bytes,
+            live_bytes=books.live_bytes,
+            freed_bytes=books.freed_bytes,
+            releasing_bytes=books.releasing_bytes,
+            release_backlog=books.freed_bytes + books.releasing_bytes,
+            segments=books.segments,
+            largest_free_gap=books.largest_free_gap,
+            releases=books.releases,
+            bytes_released=books.bytes_released,
+            recycled_bytes=books.recycled_bytes,
+            allocations=books.allocations,
             evictions=evictions,
-            pressure_low=pressure.get(1, 0),
-            pressure_medium=pressure.get(2, 0),
-            pressure_critical=pressure.get(3, 0),
-            pressure_source=source,
-            pressure_note=note,
+            pressure_low=low,
+            pressure_medium=medium,
+            pressure_critical=critical,
+            pressure_source=pressure.source,
+            pressure_note=pressure.note,
         )
+
+
+class PageRun(NamedTuple):
+    """One run of pages of the same state in ``MemoryFile.page_map()``.
+
+    ``state`` is ``"live"`` (allocated, ``refs`` >= 1), ``"freed"`` (waiting
+    to be returned to the kernel; recyclable) or ``"releasing"`` (being
+    punched out right now); ``kind`` is the live pages' ``MemoryKind``
+    (``SYSTEM`` otherwise); ``committed`` says the allocator knows the pages
+    hold memory."""
+
+    start: int
+    end: int
+    state: str
+    kind: MemoryKind
+    refs: int
+    committed: bool
+
+
+class PressureStatus:
+    """Which pressure source a file listens to (or why none), and how many
+    notifications of each level it received.  Set once at open; counted by
+    the pressure watcher; read by ``stats()`` from any thread."""
+
+    __slots__ = ("_counts", "_lock", "note", "source")
+
+    def __init__(self, source: str = "", note: str = "") -> None:
+        self.source = source
+        """The source's name, ``""`` when there is none."""
+        self.note = note
+        """Why there is none (``""`` when there is one)."""
+        self._lock = threading.Lock()
+        self._counts = [0, 0, 0]  # low, medium, critical
+
+    def count(self, level: int) -> None:
+        """One more notification of ``level`` (1 low, 2 medium, 3 critical)."""
+        if 1 <= level <= 3:
+            with self._lock:
+                self._counts[level - 1] += 1
+
+    def counts(self) -> tuple[int, int, int]:
+        """Notifications received: (low, medium, critical)."""
+        with self._lock:
+            low, medium, critical = self._counts
+        return low, medium, critical

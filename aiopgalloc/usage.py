@@ -13,18 +13,10 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import NamedTuple
 
-__all__ = [
-    "LIVE",
-    "RELEASING",
-    "MemoryAccounting",
-    "MemoryKind",
-    "MemoryStats",
-    "UsageInfo",
-    "usage_mergeable",
-]
+__all__ = ["AccountingView", "MemoryAccounting", "MemoryKind", "MemoryStats"]
 
 
 class MemoryKind(enum.IntEnum):
@@ -150,52 +142,32 @@ class MemoryAccounting:
             c = list(self._counts)
         return MemoryStats(*c)
 
-    def _move_unchecked(self, amount: int, to: int, frm: int) -> None:
-        """``move`` without validation, for the allocator's hot path: it has
-        checked that ``frm`` holds at least ``amount`` (its books say so)."""
-        with self._lock:
-            counts = self._counts
-            counts[frm] -= amount
-            counts[to] += amount
-
-    def _inc_unchecked(self, amount: int, kind: int) -> None:
-        """``inc`` without validation, for the allocator's hot path."""
-        with self._lock:
-            self._counts[kind] += amount
-
     def __repr__(self) -> str:
         return f"MemoryAccounting({self.snapshot()})"
 
 
-class UsageInfo(NamedTuple):
-    """The value of a segment of a memory file's usage set: the pages' kind,
-    whether they are known to be committed, and their reference count (0 only
-    while they are being released)."""
+class AccountingView:
+    """A read-only view of a memory file's per-kind accounting
+    (``mf.accounting``): the figures belong to the allocator's books, which
+    only the allocator changes.  Every method takes the file's lock briefly
+    and is O(1)."""
 
-    kind: MemoryKind
-    known_committed: bool
-    refs: int
+    __slots__ = ("_source",)
+
+    def __init__(self, source: Callable[[], MemoryStats]) -> None:
+        self._source = source
+
+    def snapshot(self) -> MemoryStats:
+        """All counters at one instant, as a frozen ``MemoryStats``."""
+        return self._source()
+
+    def get(self, kind: MemoryKind) -> int:
+        """The bytes counted for one kind."""
+        return self._source()[MemoryKind(kind)]
+
+    def total(self) -> int:
+        """The bytes counted over every kind."""
+        return self._source().total
 
     def __repr__(self) -> str:
-        state = "committed" if self.known_committed else "uncommitted"
-        if self.refs == 0:
-            return f"releasing {state}"
-        return f"{self.kind.name} {state} refs={self.refs}"
-
-
-RELEASING = UsageInfo(MemoryKind.SYSTEM, False, 0)
-
-# Shared values for the common "one reference" case, so the hot paths do not
-# build a tuple per call: LIVE[kind][known_committed].
-LIVE: tuple[tuple[UsageInfo, UsageInfo], ...] = tuple(
-    (UsageInfo(k, False, 1), UsageInfo(k, True, 1)) for k in MemoryKind
-)
-
-
-def usage_mergeable(left: UsageInfo, right: UsageInfo) -> bool:
-    """The usage set's merge policy: equal values merge, except releasing
-    ones (each belongs to one release batch, which removes exactly what it
-    inserted)."""
-    if left is right:  # the shared LIVE values: the common case
-        return left.refs != 0
-    return left == right and left.refs != 0
+        return f"AccountingView({self.snapshot()})"

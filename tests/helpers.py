@@ -228,3 +228,34 @@ def data_runs(fd: int, start: int, end: int) -> list[tuple[int, int]]:
         runs.append((data, min(hole, end)))
         pos = hole
     return runs
+
+
+# ------------------------------------------------ a window on the internals
+# The few tests that must see a part of a MemoryFile beyond its public API
+# (the eviction engine's counters, the mapping's regions, the lock) go
+# through these, so the private names live in one place.
+
+
+def evictions_of(mf: MemoryFile) -> Any:
+    """The file's ``aiopgalloc.eviction.Evictions``."""
+    return mf._evictions
+
+
+def mapping_of(mf: MemoryFile) -> Any:
+    """The file's ``aiopgalloc.host.mapping.FileMapping``."""
+    return mf._handle.mapping
+
+
+def books_of(mf: MemoryFile) -> Any:
+    """The file's ``aiopgalloc._books.PageBooks`` (readable after close)."""
+    return mf._books
+
+
+def lock_of(mf: MemoryFile) -> Any:
+    """The lock that guards the file's books."""
+    return mf._mu
+
+
+def usage_segments(mf: MemoryFile) -> list[tuple[int, int, Any, int]]:
+    """Live and releasing segments as ``(start, end, kind, refs)``."""
+    return [(r.start, r.end, r.kind, r.refs) for r in mf.page_map() if r.state != "freed"]

@@ -26,6 +26,7 @@ from aiopgalloc import (
     HUGE_PAGE_SIZE,
     PAGE_SIZE,
     AccessType,
+    CheckpointError,
     ClosedError,
     DelayedEviction,
     EvictableRange,
@@ -34,10 +35,10 @@ from aiopgalloc import (
     MemoryFileOpts,
     MemoryKind,
     MemoryStats,
+    load_memory_file,
     open_memory_file,
 )
 from aiopgalloc import checkpoint as ckpt
-from aiopgalloc.checkpoint import CheckpointError, load_memory_file, save
 from aiopgalloc.host import syscalls
 
 pytestmark = pytest.mark.anyio
@@ -55,13 +56,13 @@ def live_segments(mf: MemoryFile) -> list[tuple[int, int, MemoryKind, int]]:
     """The usage set without known_committed and without releasing pages,
     touching segments of equal kind and refs joined."""
     out: list[tuple[int, int, MemoryKind, int]] = []
-    for s, e, v in list(mf._usage):
-        if v.refs == 0:
+    for r in mf.page_map():
+        if r.state != "live":
             continue
-        if out and out[-1][1] == s and out[-1][2:] == (v.kind, v.refs):
-            out[-1] = (out[-1][0], e, v.kind, v.refs)
+        if out and out[-1][1] == r.start and out[-1][2:] == (r.kind, r.refs):
+            out[-1] = (out[-1][0], r.end, r.kind, r.refs)
         else:
-            out.append((s, e, v.kind, v.refs))
+            out.append((r.start, r.end, r.kind, r.refs))
     return out
 
 
@@ -126,10 +127,10 @@ def expected_accounting(mf: MemoryFile) -> MemoryStats:
     not all zero, per kind (freed and zero pages are not saved)."""
     per = [0] * len(MemoryKind)
     zero = bytes(P)
-    for s, e, v in list(mf._usage):
-        if v.refs and v.known_committed:
+    for s, e, state, kind, _refs, committed in mf.page_map():
+        if state == "live" and committed:
             data = read_bytes(mf, FileRange(s, e))
-            per[v.kind] += sum(P for i in range(0, e - s, P) if data[i : i + P] != zero)
+            per[kind] += sum(P for i in range(0, e - s, P) if data[i : i + P] != zero)
     return MemoryStats(*per)
 
 
@@ -138,11 +139,18 @@ async def assert_same(src: MemoryFile, dst: MemoryFile) -> None:
     dst.check_invariants()
     assert dst.total_size() == src.total_size()
     assert live_segments(dst) == live_segments(src)
-    assert not dst._waste and dst.reclaim_pending() == 0
+    runs = dst.page_map()
+    assert all(r.state == "live" for r in runs) and dst.reclaim_pending() == 0
     # Exactly the pages written back are committed, and known to be.
-    assert dst.total_usage() == dst.accounting.snapshot().total == dst._known_committed
-    for gs, ge in list(dst._usage.gaps(0, dst.total_size())):
-        assert syscalls.data_ranges(dst.fd, gs, ge) == [], f"data in the gap {gs:#x}"
+    st = dst.stats()
+    assert dst.total_usage() == dst.accounting.snapshot().total == st.known_committed_bytes
+    cur = 0
+    for r in [*runs, None]:
+        end = dst.total_size() if r is None else r.start
+        if cur < end:
+            assert syscalls.data_ranges(dst.fd, cur, end) == [], f"data in the gap {cur:#x}"
+        if r is not None:
+            cur = r.end
     for s, e, _k, _r in live_segments(src):
         assert read_bytes(dst, FileRange(s, e)) == read_bytes(src, FileRange(s, e)), hex(s)
 
@@ -184,7 +192,7 @@ async def test_round_trip_random(seed: int, to: str, tmp_path: Path) -> None:
         expected = expected_accounting(src)
         books = live_segments(src)
         target: Any = tmp_path / "ck" if to == "path" else io.BytesIO()
-        size = await save(src, target)
+        size = await src.save(target)
         assert live_segments(src) == books, "save changed the allocator"
         if isinstance(target, io.BytesIO):
             assert size == len(target.getvalue())
@@ -198,7 +206,9 @@ async def test_round_trip_random(seed: int, to: str, tmp_path: Path) -> None:
             assert after == expected
             # The difference from the original's accounting is exactly the
             # freed pages and the all-zero committed pages, not saved.
-            waste = sum(e - s for s, e, c in src._waste if c)
+            waste = sum(
+                r.end - r.start for r in src.page_map() if r.state == "freed" and r.committed
+            )
             assert before.total - after.total >= waste
             # update_usage finds nothing new: the books are already exact.
             await dst.update_usage()
@@ -223,7 +233,7 @@ async def test_accounting_equals_original_after_update_usage() -> None:
         before = src.accounting.snapshot()
         assert before.total == 20 * P
         buf = io.BytesIO()
-        await save(src, buf)
+        await src.save(buf)
         buf.seek(0)
         async with load_memory_file(buf) as dst:
             assert dst.accounting.snapshot() == before
@@ -239,7 +249,7 @@ async def test_freed_pages_are_not_saved() -> None:
         await src.update_usage()
         src.dec_ref(gone)  # freed, possibly not yet released: still holds 2s
         buf = io.BytesIO()
-        await save(src, buf)
+        await src.save(buf)
         buf.seek(0)
         async with load_memory_file(buf) as dst:
             assert live_segments(dst) == [(0, 4 * P, MemoryKind.ANONYMOUS, 1)]
@@ -254,7 +264,7 @@ async def test_find_pages_with_seek_data_when_swap_is_on(monkeypatch: pytest.Mon
         build_random(src, random.Random(7))
         await src.update_usage()
         buf = io.BytesIO()
-        await save(src, buf)
+        await src.save(buf)
         buf.seek(0)
         async with load_memory_file(buf) as dst:
             await assert_same(src, dst)
@@ -270,7 +280,7 @@ async def test_one_gib_tenth_written_takes_a_tenth_on_disk(tmp_path: Path) -> No
         for i, fr in enumerate(written):
             fill_byte(src, fr, 1 + i)
         path = tmp_path / "ck"
-        size = await save(src, path)
+        size = await src.save(path)
         data_bytes = 51 * 2 * MiB
         meta = 32 + 16 + 16 + 32 + 4 + 16 + 16 + 4  # header, META of one segment, END
         assert size == path.stat().st_size
@@ -295,8 +305,8 @@ async def test_stream_without_readinto_or_seek_and_embedded_checkpoints() -> Non
         fill_byte(a, a.allocate(3 * P, MemoryKind.TMPFS), 9)
         fill_byte(b, FileRange(b.allocate(H).start, H // 2), 8)
         buf = io.BytesIO()
-        await save(a, buf)
-        await save(b, buf)
+        await a.save(buf)
+        await b.save(buf)
         buf.write(b"trailing bytes that are not ours")
         stream = ReadOnly(buf.getvalue())
         async with load_memory_file(stream) as a2:
@@ -310,7 +320,7 @@ async def test_empty_file_round_trip_and_progress_zero() -> None:
     calls: list[tuple[int, int]] = []
     async with open_memory_file() as src:
         buf = io.BytesIO()
-        await save(src, buf, lambda d, t: calls.append((d, t)))
+        await src.save(buf, lambda d, t: calls.append((d, t)))
         assert calls == [(0, 0)]
         buf.seek(0)
         async with load_memory_file(buf) as dst:
@@ -327,7 +337,7 @@ async def test_progress_grows_to_total_on_the_loop_thread() -> None:
         fill_byte(src, zero, 0)  # committed, all zero: examined, not written
         loop_thread = threading.get_ident()
         buf = io.BytesIO()
-        await save(src, buf, lambda d, t: calls.append((d, t, threading.get_ident())))
+        await src.save(buf, lambda d, t: calls.append((d, t, threading.get_ident())))
         assert len(calls) >= 3
         assert all(th == loop_thread for _d, _t, th in calls)
         dones = [d for d, _t, _th in calls]
@@ -357,15 +367,15 @@ async def test_save_refused_while_evictions_are_pending() -> None:
         mf.mark_evictable(user, EvictableRange(0, 4 * P))
         buf = io.BytesIO()
         with pytest.raises(RuntimeError, match="evictions are pending"):
-            await save(mf, buf)  # marked, not yet evicted
+            await mf.save(buf)  # marked, not yet evicted
         mf.start_evictions()
         await user.started.wait()
         with pytest.raises(RuntimeError, match=r"evictions are pending.*1 eviction\(s\) running"):
-            await save(mf, buf)
+            await mf.save(buf)
         assert buf.getvalue() == b""
         user.go.set()
         assert await mf.wait_for_evictions(timeout=5)
-        await save(mf, buf)
+        await mf.save(buf)
         buf.seek(0)
         async with load_memory_file(buf) as dst:
             assert str(dst) == "(empty)"
@@ -379,7 +389,7 @@ async def test_allocating_during_save_fails_and_leaves_nothing_usable(
         fill_byte(src, src.allocate(4 * P), 1)
         target: Any = tmp_path / "ck" if to == "path" else io.BytesIO()
         with pytest.raises(RuntimeError, match="allocated or freed during save"):
-            await save(src, target, lambda d, t: src.allocate(P))
+            await src.save(target, lambda d, t: src.allocate(P))
         if isinstance(target, io.BytesIO):
             target.seek(0)
             with pytest.raises(CheckpointError, match="truncated"):
@@ -393,7 +403,7 @@ async def test_failed_save_keeps_the_old_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "ck"
     async with open_memory_file() as src:
         fill_byte(src, src.allocate(4 * P), 1)
-        await save(src, path)
+        await src.save(path)
         old = path.read_bytes()
         fill_byte(src, src.allocate(4 * P), 2)
 
@@ -401,7 +411,7 @@ async def test_failed_save_keeps_the_old_checkpoint(tmp_path: Path) -> None:
             raise OSError("progress says no")
 
         with pytest.raises(OSError, match="progress says no"):
-            await save(src, path, boom)
+            await src.save(path, boom)
         assert path.read_bytes() == old
         assert os.listdir(tmp_path) == ["ck"]
 
@@ -409,7 +419,7 @@ async def test_failed_save_keeps_the_old_checkpoint(tmp_path: Path) -> None:
 async def test_body_exception_comes_out_as_itself() -> None:
     async with open_memory_file() as src:
         buf = io.BytesIO()
-        await save(src, buf)
+        await src.save(buf)
     buf.seek(0)
     before = open_fds()
     with pytest.raises(KeyError) as info:
@@ -422,11 +432,11 @@ async def test_body_exception_comes_out_as_itself() -> None:
 async def test_bad_arguments() -> None:
     async with open_memory_file() as mf:
         with pytest.raises(TypeError):
-            await save(mf, 42)  # type: ignore[arg-type]
+            await mf.save(42)  # type: ignore[arg-type]
         with pytest.raises(TypeError):
-            await save(mf, io.BytesIO(), progress=3)  # type: ignore[arg-type]
+            await mf.save(io.BytesIO(), progress=3)  # type: ignore[arg-type]
     with pytest.raises(ClosedError):
-        await save(mf, io.BytesIO())
+        await mf.save(io.BytesIO())
     with pytest.raises(TypeError):
         load_memory_file(42)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
@@ -444,7 +454,7 @@ async def _make_checkpoint() -> bytes:
         b = mf.allocate(H)
         fill_byte(mf, FileRange(b.start + P, b.start + 3 * P), 0x33)
         buf = io.BytesIO()
-        await save(mf, buf)
+        await mf.save(buf)
         return buf.getvalue()
 
 
@@ -593,18 +603,18 @@ async def test_cancelled_save_leaves_no_file(tmp_path: Path) -> None:
         fill_byte(src, src.allocate(80 * MiB), 5)
         fds = open_fds()
         with anyio.CancelScope() as scope:
-            await save(src, tmp_path / "ck", lambda d, t: scope.cancel())
+            await src.save(tmp_path / "ck", lambda d, t: scope.cancel())
         assert scope.cancelled_caught
         assert os.listdir(tmp_path) == []
         assert open_fds() == fds
-        await save(src, tmp_path / "ck")  # and the file still saves
+        await src.save(tmp_path / "ck")  # and the file still saves
 
 
 async def test_cancelled_load_leaves_nothing() -> None:
     async with open_memory_file() as src:
         fill_byte(src, src.allocate(80 * MiB), 5)
         buf = io.BytesIO()
-        await save(src, buf)
+        await src.save(buf)
 
     class CancelMidway:
         """Cancels the loading task from the worker thread once page data

@@ -22,6 +22,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 import pytest
+from helpers import evictions_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -55,8 +56,7 @@ def opts(mode: DelayedEviction, pressure: bool = False) -> MemoryFileOpts:
 
 
 def ev_of(mf: MemoryFile) -> Evictions:
-    ev = mf._evictions
-    assert ev is not None
+    ev: Evictions = evictions_of(mf)
     return ev
 
 

@@ -36,11 +36,15 @@ import pytest
 from helpers import (
     State,
     backend_id,
+    books_of,
+    evictions_of,
     fill_byte,
+    mapping_of,
     memfd_mappings,
     non_worker_threads,
     open_fds,
     run_child,
+    usage_segments,
 )
 
 from aiopgalloc import (
@@ -102,8 +106,7 @@ class Armed:
 def live_view(mf: MemoryFile) -> tuple[list[Any], dict[str, int]]:
     """The live segments and the accounting of live kinds: what an async
     call that raised must leave alone (the releaser may change the rest)."""
-    with mf._mu:
-        segs = [(s, e, v) for s, e, v in mf._usage if v.refs > 0]
+    segs = [r for r in mf.page_map() if r.state == "live"]
     acct = mf.accounting.snapshot().as_dict()
     del acct["system"], acct["total"]
     return segs, acct
@@ -334,12 +337,12 @@ async def test_decommit_punch_fails_falls_back_to_zeroing(
         fill_byte(mf, fr, 0xEE)
         fill_byte(mf, freed, 0xDD)
         mf.dec_ref(freed)
-        refs_before = [(s, e, v.kind, v.refs) for s, e, v in mf._usage if v.refs]
+        refs_before = [r for r in usage_segments(mf) if r[3]]
         with Armed(bid, "fallocate", err) as armed:
             await mf.decommit(FileRange(fr.start, freed.end))  # does not raise
             assert armed.fired() >= 1
         mf.check_invariants()
-        assert [(s, e, v.kind, v.refs) for s, e, v in mf._usage if v.refs] == refs_before
+        assert [r for r in usage_segments(mf) if r[3]] == refs_before
         assert reads_zero(mf.fd, fr)
         assert mf.reclaim_pending() == 0
         mf.dec_ref(FileRange(fr.start, fr.start + P))
@@ -417,7 +420,7 @@ async def test_map_internal_mmap_fails(anyio_backend: Any) -> None:
         assert info.value.errno == errno.ENOMEM
         assert os.strerror(errno.ENOMEM) in str(info.value)
         assert State.of(mf) == before
-        assert mf._mappings.regions == 0
+        assert mapping_of(mf).regions == 0
         mf.check_invariants()
         fill_byte(mf, fr, 1)  # works once the host recovers
         assert pread_all(mf.fd, fr) == b"\1" * fr.length
@@ -509,11 +512,11 @@ async def test_evict_raises(anyio_backend: Any, caplog: pytest.LogCaptureFixture
         for i in range(1, 16, 2):
             mf.mark_unevictable(cache, EvictableRange(i * P, (i + 1) * P))
         cache.fail = {4, 10}
-        assert mf._evictions is not None
-        failed = mf._evictions.failed
+        assert evictions_of(mf) is not None
+        failed = evictions_of(mf).failed
         mf.start_evictions()
         assert await mf.wait_for_evictions(timeout=5)
-        assert mf._evictions.failed == failed + 2
+        assert evictions_of(mf).failed == failed + 2
         assert any("cannot evict" in r.getMessage() or r.exc_info for r in caplog.records)
         # The failing entries and the unevictable ones are still live and intact.
         assert sorted(cache.entries) == sorted({4, 10} | set(range(1, 16, 2)))
@@ -550,7 +553,7 @@ async def test_evict_hangs_then_the_owner_is_cancelled(anyio_backend: Any) -> No
     assert outer.cancelled_caught
     assert mf.closed
     assert cache.cancelled == [EvictableRange(0, 3 * P)]  # the marks merged
-    ev = mf._evictions
+    ev = evictions_of(mf)
     assert ev is not None and ev.outstanding == 0 and ev.started == ev.finished
     ev.check()
     mf.check_invariants()
@@ -578,17 +581,17 @@ async def test_owner_cancelled_during_a_big_release(anyio_backend: Any) -> None:
                 keep = mf.allocate(P)
                 fill_byte(mf, keep, 0x11)
                 mf.dec_ref(big)
-                while mf.reclaim_pending() and not mf._releasing:
+                while mf.reclaim_pending() and not mf.stats().releasing_bytes:
                     await anyio.lowlevel.checkpoint()
-                seen_in_flight = mf._releasing > 0
+                seen_in_flight = mf.stats().releasing_bytes > 0
                 outer.cancel()
                 await anyio.sleep_forever()
     assert outer.cancelled_caught
     assert seen_in_flight
     assert mf.closed
     mf.check_invariants()  # the books were settled (they survive the close)
-    assert mf._releasing == 0
-    assert mf._mappings.regions == 0
+    assert books_of(mf).figures().releasing_bytes == 0
+    assert mapping_of(mf).regions == 0
     assert {t.id for t in anyio.get_running_tasks()} == tasks_before
     assert non_worker_threads() == threads_before
     assert open_fds() == fds_before

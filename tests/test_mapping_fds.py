@@ -13,7 +13,7 @@ import textwrap
 from typing import Any
 
 import pytest
-from helpers import open_fds, run_child
+from helpers import mapping_of, open_fds, run_child
 
 from aiopgalloc import HUGE_PAGE_SIZE, PAGE_SIZE, AccessType, MemoryFileOpts, open_memory_file
 
@@ -41,7 +41,7 @@ async def test_fd_count_does_not_grow_with_the_file() -> None:
         # Hundreds of chunks later, mapped and touched: not one fd more.
         assert mf.total_size() >= size0 + GROWTHS * H
         assert open_fds() == fds_open
-        assert mf._mappings.regions == 1
+        assert mapping_of(mf).regions == 1
     # Every fd of the file is gone with it, while its views still work.
     assert open_fds() == before_open
     assert views[-1][PAGE_SIZE] == (GROWTHS - 1) & 0xFF
@@ -49,7 +49,7 @@ async def test_fd_count_does_not_grow_with_the_file() -> None:
     assert views[-1][0] == 2
     del views, v
     gc.collect()
-    assert mf._mappings.regions == 0
+    assert mapping_of(mf).regions == 0
 
 
 _CHILD = """

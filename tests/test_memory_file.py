@@ -39,7 +39,7 @@ def read(mf, fr: FileRange) -> bytes:  # type: ignore[no-untyped-def]
 
 
 def segments(mf):  # type: ignore[no-untyped-def]
-    return [(s, e, v.refs) for s, e, v in mf._usage]
+    return [(r.start, r.end, r.refs) for r in mf.page_map() if r.state != "freed"]
 
 
 # ------------------------------------------------------------ allocation
@@ -90,20 +90,20 @@ async def test_freed_pages_are_recycled_only_zeroed() -> None:
 
 
 async def test_freed_pages_not_handed_out_while_releasing() -> None:
-    async with open_memory_file() as mf:
+    # Every batch goes to the releaser's thread, where a gate holds its
+    # punch: the pages are "releasing" and must not be handed out until the
+    # batch settles.
+    async with open_memory_file(opts=MemoryFileOpts(release_inline_max_bytes=0)) as mf:
         fr = mf.allocate(4 * P)
-        mf.dec_ref(fr)
-        # Take the waste into a release batch by hand: the pages become
-        # "releasing" and must not be handed out until the batch settles.
-        from aiopgalloc import reclaim
-
-        batch = reclaim.take_release_batch(mf)
-        assert batch is not None and batch.nbytes == 4 * P
-        other = mf.allocate(4 * P)
-        assert other == FileRange(4 * P, 8 * P)
-        mf.check_invariants()
-        reclaim.perform_release(mf, batch)
-        reclaim.finish_release(mf, batch)
+        with faults.gated("fallocate") as gate:
+            mf.dec_ref(fr)
+            mf.release_freed_soon()
+            assert await anyio.to_thread.run_sync(gate.wait_reached, 10.0)
+            assert [r.state for r in mf.page_map()] == ["releasing"]
+            other = mf.allocate(4 * P)
+            assert other == FileRange(4 * P, 8 * P)
+            mf.check_invariants()
+        await mf.wait_for_reclaim()
         mf.check_invariants()
         assert mf.allocate(4 * P) == fr
 
@@ -286,7 +286,8 @@ async def test_release_returns_memory_and_total_usage_reaches_zero() -> None:
         await mf.wait_for_reclaim()
         assert mf.total_usage() == 0
         assert mf.reclaim_pending() == 0
-        assert mf.releases >= 1 and mf.bytes_released >= sum(fr.length for fr in frs)
+        st = mf.stats()
+        assert st.releases >= 1 and st.bytes_released >= sum(fr.length for fr in frs)
         mf.check_invariants()
 
 
@@ -300,10 +301,10 @@ async def test_release_coalesces_adjacent_frees() -> None:
         for fr in frs[1::2]:
             mf.dec_ref(fr)
         # All 64 frees merged into one freed range before any await.
-        assert len(list(mf._waste)) == 1
-        releases = mf.releases
+        assert [r.state for r in mf.page_map()] == ["freed"]
+        releases = mf.stats().releases
         await mf.wait_for_reclaim()
-        assert mf.releases == releases + 1
+        assert mf.stats().releases == releases + 1
         assert mf.total_usage() == 0
 
 
@@ -435,39 +436,18 @@ async def test_scan_racing_with_decommit_drops_only_the_punched_pages() -> None:
     async with open_memory_file() as mf:
         fr = mf.allocate(8 * P)
         write(mf, fr, 5)
-        from aiopgalloc import usage_scan
-
-        plan = usage_scan.plan_scan(mf)
-        assert plan is not None
-        seq, spans = plan
-        runs = usage_scan.scan(mf, spans)
-        # Punch half while the "scan" was in flight: its residency is stale.
-        await mf.decommit(FileRange(fr.start, fr.start + 4 * P))
-        assert usage_scan.apply_scan(mf, seq, runs)
+        async with anyio.create_task_group() as tg:
+            with faults.gated("mincore") as gate:
+                tg.start_soon(mf.update_usage)
+                assert await anyio.to_thread.run_sync(gate.wait_reached, 10.0)
+                # Punch half while the scan is in flight: its residency of
+                # those pages will be stale.
+                await mf.decommit(FileRange(fr.start, fr.start + 4 * P))
         # Only the pages not punched meanwhile are counted.
         assert mf.accounting.snapshot().anonymous == 4 * P
         mf.check_invariants()
         await mf.update_usage()
         assert mf.accounting.snapshot().anonymous == 4 * P
-
-
-async def test_scan_is_redone_when_too_many_punches_raced() -> None:
-    from aiopgalloc import usage_scan
-    from aiopgalloc.memory_file import _PUNCH_LOG
-
-    async with open_memory_file() as mf:
-        fr = mf.allocate(4 * P)
-        write(mf, fr, 5)
-        plan = usage_scan.plan_scan(mf)
-        assert plan is not None
-        seq, spans = plan
-        runs = usage_scan.scan(mf, spans)
-        with mf._mu:  # more punches than the log remembers
-            mf._note_punched_locked([(0, P)] * (_PUNCH_LOG + 1))
-        assert not usage_scan.apply_scan(mf, seq, runs)
-        await mf.update_usage()
-        assert mf.accounting.snapshot().anonymous == 4 * P
-        mf.check_invariants()
 
 
 # -------------------------------------------------------- allocate_and_fill

@@ -19,7 +19,7 @@ toggled by a rule), and freed pages stay freed until the next await, so
 allocations recycle them, as in a loop with no ``await``.
 
 After every step: ``check_invariants()``; the usage set equals the model
-(refs and kind of every live page, through ``mf._usage``); the first byte of
+(refs and kind of every live page, through ``mf.page_map()``); the first byte of
 every live page equals its stamp (pages the kernel reports as holes must be
 expected zero; the others are read through ``map_internal``); the user's
 evictable set equals the model's; the file's real size equals
@@ -57,6 +57,8 @@ from helpers import (
     backend_id,
     blocking_portal,
     data_runs,
+    evictions_of,
+    mapping_of,
     page_stamps,
     write_page_stamps,
 )
@@ -89,7 +91,7 @@ P = PAGE_SIZE
 H = HUGE_PAGE_SIZE
 HP = H // P  # pages per huge page
 
-MIN_STEPS_TOTAL = 1_000_000 if FUZZ_LONG else 100_000
+MIN_STEPS_TOTAL = 300_000 if FUZZ_LONG else 30_000
 MIN_STEPS_PER_BACKEND = -(-MIN_STEPS_TOTAL // 3)
 STEP_COUNT = 50
 LIVE_LIMIT = 2048  # pages: allocations wait while the model holds more
@@ -536,14 +538,14 @@ class MemoryFileMachine(RuleBasedStateMachine):
     def evict_all(self) -> None:
         self._count()
         mf = self.mf
-        assert mf is not None and mf._evictions is not None
+        assert mf is not None and evictions_of(mf) is not None
         expected = runs_of(self.evictable)
-        failed = mf._evictions.failed
+        failed = evictions_of(mf).failed
         self.user.calls.clear()
         mf.start_evictions()  # from this thread: the loop's dispatcher spawns the task
         assert self.acall(mf.wait_for_evictions, 10) is True
         assert not self.user.errors, self.user.errors
-        assert mf._evictions.failed == failed
+        assert evictions_of(mf).failed == failed
         # One call per maximal run, the last one first.
         calls = [(er.start // P, er.end // P) for er in self.user.calls]
         assert calls == expected[::-1], (calls, expected)
@@ -650,15 +652,15 @@ class MemoryFileMachine(RuleBasedStateMachine):
         if mf is None:
             return
         mf.check_invariants()
-        with mf._mu:
-            segs = list(mf._usage)
-            size = mf._file_size
-        assert os.fstat(mf.fd).st_size == size == mf.total_size()
+        segs = mf.page_map()
+        size = mf.total_size()
+        assert os.fstat(mf.fd).st_size == size
         refs, kinds = self.refs, self.kinds
         covered = 0
-        for s, e, v in segs:
-            if v.refs == 0:
-                continue  # being released: free in the model (live pages are all covered)
+        for v in segs:
+            if v.state != "live":
+                continue  # freed or being released: free in the model
+            s, e = v.start, v.end
             a, b = s // P, e // P
             n = b - a
             assert b <= self.npages, f"live segment {FileRange(s, e)} unknown to the model"
@@ -682,7 +684,7 @@ class MemoryFileMachine(RuleBasedStateMachine):
                 f"written pages in {FileRange(pos, b * P)} are holes (lost)"
             )
         # The user's evictable set.
-        ev = mf._evictions
+        ev = evictions_of(mf)
         assert ev is not None
         with ev._lock:
             state = ev._users.get(id(self.user))
@@ -703,7 +705,7 @@ class MemoryFileMachine(RuleBasedStateMachine):
             self.cm.__exit__(None, None, None)
             os.close(self.scan_fd)
         assert mf.closed
-        assert mf._mappings.regions == 0
+        assert mapping_of(mf).regions == 0
 
     def _drain(self) -> None:
         """Free everything; once released, nothing is committed."""

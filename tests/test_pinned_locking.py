@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers import evictions_of
 
 from aiopgalloc import (
     HUGE_PAGE_SIZE,
@@ -56,7 +57,7 @@ _LOCK_ATTRS = ("._mu", "._lock")
 
 def _allocator_locks(mf: MemoryFile) -> tuple[Any, Any]:
     """The private locks: the books' lock, and the evictable sets' lock."""
-    ev = mf._evictions
+    ev = evictions_of(mf)
     assert ev is not None
     return mf._mu, ev._lock
 

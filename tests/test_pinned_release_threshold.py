@@ -37,8 +37,8 @@ from aiopgalloc import (
     MemoryFileOpts,
     open_memory_file,
 )
+from aiopgalloc._books import RUN_BYTES
 from aiopgalloc.host.faults import faults
-from aiopgalloc.reclaim import RUN_BYTES
 
 pytestmark = pytest.mark.anyio
 
@@ -192,7 +192,7 @@ async def test_exactly_run_bytes_is_taken_after_the_notes_overflow() -> None:
     """More than 65,536 merging frees with no releaser pass overflow the
     releaser's notes; it then scans the freed set once for long runs.  That
     scan must take a run of exactly ``RUN_BYTES`` too (and leave the canary)."""
-    notes_max = 1 << 16  # the bound on noted frees (MemoryFile's _READY_MAX)
+    notes_max = 1 << 16  # the bound on noted frees (the books' _READY_MAX)
     async with open_memory_file(opts=OPTS) as mf:
         lay = Layout.make(mf, RUN)
         # One allocation, freed a page at a time from its start: every page

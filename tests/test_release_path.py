@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from helpers import mapping_of
 
 from aiopgalloc import (
     PAGE_SIZE,
@@ -14,16 +15,17 @@ from aiopgalloc import (
     FileRange,
     MemoryFileOpts,
     RefCountError,
+    _releaser,
     open_memory_file,
-    reclaim,
 )
-from aiopgalloc import memory_file as memory_file_mod
+from aiopgalloc._books import RUN_BYTES
+from aiopgalloc._releaser import QUIET
 from aiopgalloc.host.pressure import ManualPressure, PressureLevel
 
 pytestmark = pytest.mark.anyio
 
 P = PAGE_SIZE
-RUN_PAGES = reclaim.RUN_BYTES // P
+RUN_PAGES = RUN_BYTES // P
 
 
 def write(mf: object, fr: FileRange, byte: int) -> None:
@@ -80,36 +82,6 @@ async def test_dec_ref_fast_path_errors_change_nothing() -> None:
         mf.dec_ref(fr)
 
 
-async def test_lone_short_frees_wait_and_merged_runs_do_not() -> None:
-    async with open_memory_file() as mf:
-        n = 4 * RUN_PAGES
-        frs = [mf.allocate(P) for _ in range(n)]
-        write(mf, FileRange(0, n * P), 1)
-        for fr in frs[::2]:
-            mf.dec_ref(fr)
-        # Lone pages (their neighbours are live): nothing worth punching yet.
-        assert reclaim.take_release_batch(mf, runs_only=True) is None
-        # Free the odd pages of the first half: one merged run of 2 * RUN_PAGES.
-        for fr in frs[1 : 2 * RUN_PAGES : 2]:
-            mf.dec_ref(fr)
-        batch = reclaim.take_release_batch(mf, runs_only=True)
-        assert batch is not None
-        assert batch.pieces == [(0, 2 * RUN_PAGES * P + P, False)]
-        reclaim.perform_release(mf, batch)
-        reclaim.finish_release(mf, batch)
-        mf.check_invariants()
-        assert reclaim.take_release_batch(mf, runs_only=True) is None
-        # The short ones are still there, and wait_for_reclaim takes them too.
-        assert mf.reclaim_pending() == (RUN_PAGES - 1) * P
-        await mf.wait_for_reclaim()
-        assert mf.reclaim_pending() == 0
-        for fr in frs[2 * RUN_PAGES + 1 :: 2]:
-            mf.dec_ref(fr)
-        await mf.wait_for_reclaim()
-        assert mf.total_usage() == 0
-        mf.check_invariants()
-
-
 async def test_lone_frees_go_once_the_frees_pause() -> None:
     async with open_memory_file() as mf:
         frs = [mf.allocate(P) for _ in range(64)]
@@ -120,42 +92,25 @@ async def test_lone_frees_go_once_the_frees_pause() -> None:
         # No wait_for_reclaim: the releaser lets them go after QUIET.
         with anyio.fail_after(5):
             while mf.reclaim_pending():
-                await anyio.sleep(reclaim.QUIET / 4)
+                await anyio.sleep(QUIET / 4)
         assert mf.total_usage() == 32 * P
         mf.check_invariants()
 
 
 async def test_a_long_free_is_released_without_waiting() -> None:
+    # The releaser's policy itself is pinned by tests/test_books.py; here a
+    # run of 2 MiB goes while the frees go on (no pause, no flush).
     async with open_memory_file() as mf:
-        fr = mf.allocate(2 * reclaim.RUN_BYTES)
-        keep = mf.allocate(P)
+        fr = mf.allocate(2 * RUN_BYTES)
+        keep = [mf.allocate(P) for _ in range(64)]
         write(mf, fr, 1)
         mf.dec_ref(fr)
-        batch = reclaim.take_release_batch(mf, runs_only=True)
-        assert batch is not None and batch.nbytes == fr.length
-        reclaim.perform_release(mf, batch)
-        reclaim.finish_release(mf, batch)
-        assert mf.total_usage() == 0
-        mf.dec_ref(keep)
+        with anyio.fail_after(10):
+            while mf.total_usage():
+                await anyio.sleep(0)  # well under QUIET between wake-ups
+        for k in keep:
+            mf.dec_ref(k)
         await mf.wait_for_reclaim()
-        mf.check_invariants()
-
-
-async def test_notes_overflow_falls_back_to_one_scan(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(memory_file_mod, "_READY_MAX", 4)
-    async with open_memory_file() as mf:
-        n = 2 * RUN_PAGES
-        frs = [mf.allocate(P) for _ in range(n)]
-        for fr in frs[::2]:
-            mf.dec_ref(fr)
-        for fr in frs[1::2]:
-            mf.dec_ref(fr)
-        assert len(mf._ready) == 4 and mf._ready_overflow
-        batch = reclaim.take_release_batch(mf, runs_only=True)
-        assert batch is not None and batch.nbytes == n * P
-        assert not mf._ready and not mf._ready_overflow
-        reclaim.perform_release(mf, batch)
-        reclaim.finish_release(mf, batch)
         mf.check_invariants()
 
 
@@ -164,7 +119,7 @@ async def test_interleaved_frees_release_in_few_batches() -> None:
         n = 8 * RUN_PAGES
         frs = [mf.allocate(P) for _ in range(n)]
         write(mf, FileRange(0, n * P), 1)
-        releases = mf.releases
+        releases = mf.stats().releases
         for i, fr in enumerate([*frs[::2], *frs[1::2]], 1):
             mf.dec_ref(fr)
             if i % 100 == 0:
@@ -173,15 +128,15 @@ async def test_interleaved_frees_release_in_few_batches() -> None:
             await mf.wait_for_reclaim()
         assert mf.total_usage() == 0
         # Merged runs, not one punch per page.
-        assert mf.releases - releases < n // 100
+        assert mf.stats().releases - releases < n // 100
         mf.check_invariants()
 
 
 async def test_lone_frees_go_after_max_defer_however_busy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(reclaim, "QUIET", 60.0)  # the frees never pause here
-    monkeypatch.setattr(reclaim, "MAX_DEFER", 0.05)
+    monkeypatch.setattr(_releaser, "QUIET", 60.0)  # the frees never pause here
+    monkeypatch.setattr(_releaser, "MAX_DEFER", 0.05)
     async with open_memory_file() as mf:
         frs = [mf.allocate(P) for _ in range(512)]
         write(mf, FileRange(0, 512 * P), 1)
@@ -198,8 +153,8 @@ async def test_lone_frees_go_after_max_defer_however_busy(
 async def test_host_pressure_releases_lone_frees_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(reclaim, "QUIET", 60.0)  # the frees never pause here
-    monkeypatch.setattr(reclaim, "MAX_DEFER", 60.0)
+    monkeypatch.setattr(_releaser, "QUIET", 60.0)  # the frees never pause here
+    monkeypatch.setattr(_releaser, "MAX_DEFER", 60.0)
     source = ManualPressure()
     opts = MemoryFileOpts(
         delayed_eviction=DelayedEviction.ENABLED,
@@ -230,13 +185,13 @@ def _puncher_threads() -> list[str]:
 async def test_closing_during_a_threaded_release_waits_for_it() -> None:
     async with open_memory_file() as mf:
         fr = mf.allocate(512 << 20)
-        mf._mappings.populate(fr.start, fr.length)  # the punch takes ~60 ms
+        mapping_of(mf).populate(fr.start, fr.length)  # the punch takes ~60 ms
         mf.dec_ref(fr)
         # Let the releaser start the punch in its thread, then leave at once.
         with anyio.fail_after(10):
-            while not mf._releasing and mf.reclaim_pending():
+            while not mf.stats().releasing_bytes and mf.reclaim_pending():
                 await anyio.sleep(0)
-        assert mf._releasing
+        assert mf.stats().releasing_bytes
     assert mf.closed
     assert _puncher_threads() == []
 

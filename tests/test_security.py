@@ -131,7 +131,7 @@ async def test_new_allocations_never_see_old_contents(
                 n = rng.randint(RECYCLE_MAX // P + 1, 48) * P  # prefers clean pages
             else:
                 n = rng.choice([H, H + 5 * P])  # huge-page aligned
-            before = mf.recycled_bytes
+            before = mf.stats().recycled_bytes
             fr = mf.allocate(n)
             a, b = fr.start // P, fr.end // P
             if b > len(dirty):
@@ -139,9 +139,9 @@ async def test_new_allocations_never_see_old_contents(
             bad = first_ff(mf, fr)
             assert bad < 0, (
                 f"cycle {i}: new allocation {fr} shows old contents at {bad:#x} "
-                f"({'recycled' if mf.recycled_bytes > before else 'not recycled'})"
+                f"({'recycled' if mf.stats().recycled_bytes > before else 'not recycled'})"
             )
-            if mf.recycled_bytes > before:
+            if mf.stats().recycled_bytes > before:
                 recycled_cycles += 1
             elif dirty.find(1, a, b) >= 0:
                 released_cycles += 1  # once dirty, punched since, handed out again
@@ -169,7 +169,7 @@ async def test_new_allocations_never_see_old_contents(
         await mf.wait_for_reclaim()
         assert mf.total_usage() == 0
         mf.check_invariants()
-        recycled_bytes, released_bytes = mf.recycled_bytes, mf.bytes_released
+        recycled_bytes, released_bytes = mf.stats().recycled_bytes, mf.stats().bytes_released
     seconds = time.perf_counter() - t0
     # Both paths were really taken, many times.
     assert recycled_bytes > 0 and released_bytes > 0

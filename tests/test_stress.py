@@ -34,7 +34,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 import pytest
-from helpers import FUZZ_LONG, backend_id, memfd_mappings, non_worker_threads, open_fds
+from helpers import FUZZ_LONG, backend_id, mapping_of, memfd_mappings, non_worker_threads, open_fds
 
 from aiopgalloc import (
     PAGE_SIZE,
@@ -358,8 +358,8 @@ async def _stress(bid: str) -> dict[str, float]:
         assert mf.accounting.snapshot().total == 0
         mf.check_invariants()
         evicted = sum(c.evicted for c in caches)
-        recycled, released = mf.recycled_bytes, mf.bytes_released
-    assert mf._mappings.regions == 0
+        recycled, released = mf.stats().recycled_bytes, mf.stats().bytes_released
+    assert mapping_of(mf).regions == 0
     ops = sum(w.ops for w in workers)
     assert ops >= OPS_PER_BACKEND
     return {

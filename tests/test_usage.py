@@ -11,8 +11,15 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from aiopgalloc import MemoryAccounting, MemoryKind, MemoryStats
-from aiopgalloc.usage import LIVE, RELEASING, UsageInfo, usage_mergeable
+from aiopgalloc import (
+    PAGE_SIZE,
+    CommitMode,
+    MemoryAccounting,
+    MemoryKind,
+    MemoryStats,
+    open_memory_file,
+)
+from aiopgalloc._books import LIVE, RELEASING, UsageInfo, usage_mergeable
 
 KINDS = list(MemoryKind)
 FIELDS = ["system", "anonymous", "page_cache", "tmpfs", "ramdiskfs", "mapped"]
@@ -229,16 +236,21 @@ def test_snapshot_is_independent_of_later_changes() -> None:
     assert acc.snapshot().system == 2
 
 
-def test_unchecked_hot_path_helpers() -> None:
-    # The allocator's hot path skips validation (its own books say the
-    # amounts are fine) but still updates under the lock.
-    acc = MemoryAccounting()
-    acc._inc_unchecked(10, MemoryKind.ANONYMOUS)
-    acc._move_unchecked(4, MemoryKind.SYSTEM, MemoryKind.ANONYMOUS)
-    assert acc.snapshot() == MemoryStats(system=4, anonymous=6)
-    acc._move_unchecked(4, MemoryKind.MAPPED, MemoryKind.SYSTEM)
-    assert acc.snapshot() == MemoryStats(anonymous=6, mapped=4)
-    assert acc.total() == 10
+@pytest.mark.anyio
+async def test_file_accounting_is_a_read_only_view() -> None:
+    # The allocator's own figures belong to its books: mf.accounting reads
+    # them and offers nothing that would change them.
+    async with open_memory_file() as mf:
+        acc = mf.accounting
+        for name in ("inc", "dec", "move", "_inc_unchecked", "_move_unchecked"):
+            assert not hasattr(acc, name), name
+        fr = mf.allocate(4 * PAGE_SIZE, MemoryKind.TMPFS, commit=CommitMode.POPULATE)
+        assert acc.get(MemoryKind.TMPFS) == 4 * PAGE_SIZE
+        assert acc.total() == 4 * PAGE_SIZE
+        assert acc.snapshot() == MemoryStats(tmpfs=4 * PAGE_SIZE)
+        assert "tmpfs=16384" in repr(acc)
+        mf.dec_ref(fr)
+        assert acc.snapshot() == MemoryStats(system=4 * PAGE_SIZE)
 
 
 def test_repr_shows_the_figures() -> None:
@@ -419,8 +431,6 @@ def test_every_method_takes_the_lock() -> None:
     acc._lock = lock  # type: ignore[assignment]
     calls = [
         lambda: acc.inc(10, MemoryKind.ANONYMOUS),
-        lambda: acc._inc_unchecked(1, MemoryKind.ANONYMOUS),
-        lambda: acc._move_unchecked(1, MemoryKind.SYSTEM, MemoryKind.ANONYMOUS),
         lambda: acc.dec(1, MemoryKind.ANONYMOUS),
         lambda: acc.move(1, MemoryKind.SYSTEM, MemoryKind.ANONYMOUS),
         lambda: acc.get(MemoryKind.SYSTEM),
