@@ -24,8 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import load_memory_file, save
-from ..lifecycle import open_memory_file
+from ..lifecycle import load_memory_file, open_memory_file
 from ..memory_file import MemoryFile
 from ..options import AccessType
 from .common import Config, Progress, Row, WorkloadResult, collect, median, perf_counter, run_on
@@ -79,11 +78,11 @@ async def _case(size: int, fraction: float, runs: int) -> dict[str, Any]:
             for _ in range(runs):
                 collect()
                 t0 = perf_counter()
-                ckpt_size = await save(src, path)
+                ckpt_size = await src.save(path)
                 save_file.append(perf_counter() - t0)
                 buf = io.BytesIO()
                 t0 = perf_counter()
-                await save(src, buf)
+                await src.save(buf)
                 save_mem.append(perf_counter() - t0)
                 del buf
                 collect()

@@ -162,7 +162,7 @@ class Aiopgalloc:
             for v in mf.map_internal(fr):
                 _write_pages(v, 0, len(v))
             self.live.append(fr)
-        self._recycled0 = mf.recycled_bytes
+        self._recycled0 = mf.stats().recycled_bytes
 
     def window(
         self, victims: list[int], sizes: list[int], budget: float | None
@@ -193,7 +193,7 @@ class Aiopgalloc:
     def info(self) -> dict[str, Any]:
         """File size, committed memory and how much was recycled."""
         st = self.mf.stats()
-        recycled = self.mf.recycled_bytes - self._recycled0
+        recycled = self.mf.stats().recycled_bytes - self._recycled0
         return {
             "file_size": st.file_size,
             "committed_bytes": st.committed_bytes,
