@@ -79,7 +79,7 @@ from .segments import SegmentSet
 
 __all__ = ["EvictableMemoryUser", "EvictionStats", "Evictions"]
 
-log = logging.getLogger("aiopgalloc.eviction")
+log = logging.getLogger(__name__)
 
 _YIELD_EVERY = 64
 """An eviction task yields to the event loop at least once per this many

@@ -60,7 +60,7 @@ from .stats import PressureStatus
 
 __all__ = ["load_memory_file", "open_memory_file"]
 
-log = logging.getLogger("aiopgalloc")
+log = logging.getLogger(__name__)
 
 
 class _HasFileno(Protocol):
