@@ -6,42 +6,33 @@ on libc otherwise.  Failures come out as ``OSError`` carrying the kernel's
 errno.  The ctypes calls release the GIL, so a long fallocate or mincore in a
 worker thread does not stall the event loop's thread.
 
-What the calls cost here (2 vCPU VM, memfd on shmem, medians; repeated runs
-differ by about 30%):
+What the kernel does with these calls, and what follows for the allocator:
 
-- ``punch_hole`` (fallocate PUNCH_HOLE|KEEP_SIZE) of one committed 4 KiB page:
-  4.6-5.4 us, 2.7-3.1 us when the page was already a hole; 2 MiB: 0.25-0.3 ms;
-  64 MiB: about 12 ms (NOTES.md).  The cost follows the pages actually freed.
-- ``punch_holes`` of 1000 scattered committed 4 KiB ranges in one call:
-  3.2-4.4 ms (3.2-4.4 us per range), against 3.5-4.7 ms for a Python loop of
-  1000 ``punch_hole`` calls: the batch itself saves little on the calling
-  thread.  What it saves is thread hops.  ``anyio.to_thread.run_sync`` costs
-  0.1-0.2 ms per round trip on a quiet loop here (NOTES.md records 0.34-0.59
-  ms), so the same 1000 ranges took 4.7-5.2 ms as one hop carrying one
-  ``punch_holes`` batch and 121-202 ms as one hop per range: 25-40 times
-  slower, and 1000 wake-ups of the loop.  The releaser should therefore
-  collect its ranges under the lock, hop once, and punch the whole batch.
-  Linux serialises fallocate on one shmem file, so a huge single punch also
-  blocks other punches and commits of the file; the reference caps each call
-  at 128 MiB.
-- ``commit`` (fallocate KEEP_SIZE): 0.9-1.2 us per 4 KiB page.  Caution:
-  committed-but-never-written shmem pages count in ``st_blocks`` but are
+- Punching a hole (fallocate PUNCH_HOLE|KEEP_SIZE) costs in proportion to the
+  pages it actually frees; a page that is already a hole costs about half.
+  Linux serialises fallocate on one shmem file, so one huge punch also holds
+  up other punches and commits of the same file: the releaser punches in
+  batches of bounded size (the reference caps a call at 128 MiB).
+- A batch of punches saves little on the thread that makes them.  What it
+  saves is thread hops: a hop to a worker thread and back costs as much as
+  a hundred small punches, and wakes the loop once.  So the releaser decides
+  its ranges under the lock, hops once, and punches the whole batch there
+  (``punch_holes``).
+- A committed-but-never-written shmem page counts in ``st_blocks`` but is
   neither reported resident by ``mincore`` nor found by ``SEEK_DATA``; only
-  ``fstat_blocks_bytes`` sees them.  (They read as zeros, so a checkpoint that
-  skips them loses nothing.)
-- ``fstat_blocks_bytes``: about 2 us (NOTES.md: about 20 us).
-- ``mincore`` over 1 GiB of mapping: 9-12 ms whatever is resident (one byte per
-  page to fill, 256 KiB for a GiB).  Run it off the event loop.
-- ``data_ranges`` (lseek SEEK_DATA/SEEK_HOLE): 2-3 us over an empty GiB, about
-  1.8 us per data run found: 30-34 ms for 16,384 scattered written pages in a
-  GiB, 1.1-1.4 ms for one contiguous written run of 128 MiB (the kernel still
-  steps through its pages).  Cheap on sparse or contiguous files, dearer than
-  mincore on a finely fragmented one.
-- ``memset_zero`` of 2 MiB: 30-40 us when the pages are resident (cache-hot
-  zeroing), about 2 ms when they must first be faulted in (about 4 us per
-  page, the first-touch cost).  Recycling resident freed pages is therefore
-  far cheaper than punching them and faulting fresh ones in.
-- ``faults.check`` when nothing is armed: 0.1-0.2 us including the call.
+  ``fstat_blocks_bytes`` sees it.  It reads as zeros, so a checkpoint that
+  skips it loses nothing.
+- ``mincore`` fills one byte per page of the span whatever is resident, and
+  ``SEEK_DATA``/``SEEK_HOLE`` steps through every page of a data run: both
+  are cheap on sparse or contiguous files and grow with the span scanned,
+  so usage scans over large files run off the event loop.
+- Zeroing resident pages by hand (``memset_zero``) is far cheaper than
+  punching them and faulting fresh pages in on the next touch: that is why
+  freed pages are recycled before they are released.
+- ``faults.check`` costs a fraction of a microsecond when nothing is armed.
+
+The measured costs on the project's machines are in
+``benchmarks/results/host-costs.md``.
 """
 
 from __future__ import annotations
@@ -168,7 +159,7 @@ def commit(fd: int, offset: int, length: int) -> None:
 def fstat_blocks_bytes(fd: int) -> int:
     """Return the bytes of backing store the file really holds (``st_blocks * 512``).
 
-    Fault op ``fstat``.  Cost about 20 us.  Raises ``OSError`` (``EBADF``).
+    Fault op ``fstat``.  Cost: one syscall, a few microseconds.  Raises ``OSError`` (``EBADF``).
     """
     faults.check("fstat")
     return os.fstat(fd).st_blocks * 512
