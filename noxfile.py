@@ -3,7 +3,7 @@
     nox                      # tests (all three backends), lint, typecheck
     nox -s tests             # the three backends only
     nox -s "tests(backend='trio')" -- -x     # one backend; extra args go to pytest
-    nox -s bench             # python -m aiopgalloc bench --quick (the suite, < 1 min)
+    nox -s bench             # python -m aiopgalloc bench --quick (the suite, ~1.5 min)
 
 Backends: every async test runs once per backend through the ``anyio_backend``
 fixture of tests/conftest.py, whose ids are ``asyncio``, ``asyncio+uvloop``
@@ -59,19 +59,13 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmark suite, quick mode (under a minute), on every backend.
+    """The benchmark suite, quick mode (about a minute and a half), on every backend.
 
-    Extra args are passed on: ``nox -s bench -- --workloads 1,2 --json out.json``;
-    ``nox -s bench -- --full`` drops ``--quick`` (about 5 minutes)."""
+    Extra args are passed on: ``nox -s bench -- --workloads 1,2 --json out.json``
+    (``--workloads 11``: the SegmentSet micro-benchmark alone);
+    ``nox -s bench -- --full`` drops ``--quick`` (5-6 minutes)."""
     session.install("-e", ".[bench]")
     args = list(session.posargs)
     quick = [] if "--full" in args else ["--quick"]
     args = [a for a in args if a != "--full"]
     session.run("python", "-m", "aiopgalloc", "bench", *quick, *args)
-
-
-@nox.session
-def bench_segments(session: nox.Session) -> None:
-    """The SegmentSet micro-benchmark, quick mode (extra args are passed on)."""
-    session.install("-e", ".")
-    session.run("python", "benchmarks/bench_segments.py", "--quick", *session.posargs)

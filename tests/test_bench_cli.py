@@ -1,8 +1,9 @@
 """``python -m aiopgalloc bench``: the command runs end to end and writes a
 complete JSON document; the peers and plans the workloads rely on are right.
 
-The end-to-end run uses the hidden ``--smoke`` sizes (workloads 2 and 6 in a
-few seconds): it checks the plumbing, not the numbers.
+The end-to-end runs use the hidden ``--smoke`` sizes (workloads 2 and 6 in a
+few seconds): they check the plumbing and the shape of every workload's
+figures, not how good the numbers are.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sortedcontainers import SortedDict
 
 from aiopgalloc import PAGE_SIZE
 from aiopgalloc._bench import release
@@ -25,7 +27,9 @@ from aiopgalloc._bench.churn import make_plan
 from aiopgalloc._bench.common import Row, Target, WorkloadResult
 from aiopgalloc._bench.peers import FirstFitArena
 from aiopgalloc._bench.report import format_table
+from aiopgalloc._bench.segment_set import baseline_first_fit, build_set
 from aiopgalloc._cli import bench
+from aiopgalloc.segments import SegmentSet
 
 P = PAGE_SIZE
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,16 +109,16 @@ def test_bench_smoke_writes_machine_workloads_and_numbers(tmp_path: Path) -> Non
 
 
 def test_bench_smoke_every_workload_every_backend(tmp_path: Path) -> None:
-    """All eight workloads at smoke size on every backend: each reports rows,
+    """All eleven workloads at smoke size on every backend: each reports rows,
     the per-backend ones once per backend, and nothing warns (a memoryview
     left alive when a file closes, a task that failed)."""
     proc, doc = _run_bench(tmp_path, "--smoke")
-    assert set(doc["workloads"]) == {str(k) for k in range(1, 9)}
+    assert set(doc["workloads"]) == {str(k) for k in range(1, 12)}
     backends = doc["config"]["backends"]
     assert backends[0] == "asyncio"
     for key, w in doc["workloads"].items():
         assert w["rows"], f"workload {key} has no rows"
-        assert w["backends"] == (backends if key in ("3", "4", "5") else ["asyncio"])
+        assert w["backends"] == (backends if key in ("3", "4", "5", "10") else ["asyncio"])
     release_rows = [t for t in doc["targets"] if t["workload"] == 3]
     assert len(release_rows) == len(backends)
     churn = doc["workloads"]["1"]["results"]["median_steps_per_s"]
@@ -128,6 +132,77 @@ def test_bench_smoke_every_workload_every_backend(tmp_path: Path) -> None:
     assert not noise, "\n".join(noise)
 
 
+def test_bench_smoke_new_workloads_report_real_figures(tmp_path: Path) -> None:
+    """Workloads 9-11 (reuse policy, pressure storm, SegmentSet) and the
+    start_evictions series of workload 5, at smoke size on one backend:
+    their JSON holds every series with positive, plausible figures."""
+    proc, doc = _run_bench(
+        tmp_path, "--smoke", "--workloads", "5,9,10,11", "--backend", "asyncio", "--no-progress"
+    )
+    assert set(doc["workloads"]) == {"5", "9", "10", "11"}
+    for key in ("9", "10", "11"):
+        w = doc["workloads"][key]
+        assert w["rows"] and all(r["target"] is None for r in w["rows"])
+        assert w["elapsed_s"] > 0
+
+    # 5: the start_evictions series next to the pressure ones.
+    ev = doc["workloads"]["5"]["results"]["summary"]["asyncio"]
+    for series in (
+        "manual/loop",
+        "manual/thread",
+        "start_evictions/loop",
+        "start_evictions/thread",
+    ):
+        assert 0 < ev[series]["median_us"] <= ev[series]["p99_us"], series
+        assert ev[series]["n"] == 20
+    assert "start_evictions()->evict()" in proc.stdout
+
+    # 9: every variant ran steps; only release+refault recycles nothing.
+    reuse = doc["workloads"]["9"]["results"]
+    assert set(reuse["median_steps_per_s"]) == {"recycle", "release+refault", "recycle+yield"}
+    for variant, samples in reuse["samples"].items():
+        assert len(samples) == 3, variant
+        for s in samples:
+            assert s["steps"] > 0 and s["rate"] > 0 and s["file_size"] > 0
+    assert reuse["median_recycled_fraction"]["release+refault"] == 0
+    assert reuse["median_recycled_fraction"]["recycle"] > 0
+    assert all(v > 0 for v in reuse["ratios"].values())
+
+    # 10: the storm sent events, the source delivered some, evict ran, the
+    # ticker ticked; the v1 latency is there exactly when v1 was usable.
+    storm = doc["workloads"]["10"]
+    st = storm["results"]["summary"]["asyncio"]
+    s = st["storm"]
+    assert s["events"] > 0 and 0 < s["deliveries"] <= s["events"]
+    assert s["evict_calls"] > 0 and s["evicted_bytes"] > 0
+    for lag in (s["lag"], s["idle_lag"]):
+        assert lag["ticks"] > 0 and lag["worst_ms"] >= lag["p99_ms"] >= lag["median_ms"]
+    if storm["params"]["v1_skipped"] is None:
+        assert storm["params"]["storm_source"] == "cgroup v1 eventfd"
+        assert st["v1 eventfd/thread"]["median_us"] > 0
+        assert len(storm["results"]["samples_us"]["asyncio"]) == 20
+    else:
+        assert "v1 eventfd/thread" not in st
+
+    # 11: every operation at every size, the baseline at both smoke sizes.
+    seg = doc["workloads"]["11"]
+    assert seg["params"]["sizes"] == [1_000, 4_000]
+    for n in ("1000", "4000"):
+        ops = seg["results"]["results"][n]
+        assert set(ops) == {
+            "find",
+            "insert+remove",
+            "split+merge",
+            "first_fit",
+            "first_fit (baseline)",
+        }
+        for op, r in ops.items():
+            assert r["ops_per_s"] > 0 and len(r["samples"]) == 3, (n, op)
+    ratios = seg["results"]["first_fit_cost_ratios"]
+    assert ratios and all(v > 0 for v in ratios.values())
+    assert "SortedDict" in proc.stdout
+
+
 def test_bench_png_when_matplotlib(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     _, doc = _run_bench(
@@ -138,11 +213,29 @@ def test_bench_png_when_matplotlib(tmp_path: Path) -> None:
 
 
 def test_bench_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--workloads", "9"], ["--workloads", "x"], ["--backend", "tokio"]):
+    for argv in (["--workloads", "12"], ["--workloads", "x"], ["--backend", "tokio"]):
         with pytest.raises(SystemExit) as exc:
             bench.main(argv)
         assert exc.value.code == 2
-    assert "no workload 9" in capsys.readouterr().err
+    assert "no workload 12" in capsys.readouterr().err
+
+
+def test_bench_workload_numbers_are_stable() -> None:
+    """Workloads 1-8 keep their numbers; the ones moved in from the old
+    ``benchmarks/`` scripts come after them."""
+    assert {k: name for k, (name, _) in bench.WORKLOADS.items()} == {
+        1: "churn",
+        2: "scaling",
+        3: "release",
+        4: "usage_scan",
+        5: "eviction",
+        6: "memory",
+        7: "commit",
+        8: "checkpoint",
+        9: "reuse",
+        10: "storm",
+        11: "segment_set",
+    }
 
 
 def test_first_fit_arena_against_a_model() -> None:
@@ -195,6 +288,25 @@ def test_release_plans() -> None:
     assert [len(b) for b in online] == [1000, 1000, 1000, 1, 1, 1]
     covered = sorted({p for batch in online for s, e in batch for p in range(s // P, e // P)})
     assert covered == list(range(pages))
+
+
+def test_segment_set_baseline_first_fit_agrees_with_segment_set() -> None:
+    """Workload 11's baseline (a linear scan of a SortedDict, as the
+    reference does it) answers first fit as SegmentSet does, so the speed-up
+    compares equal work."""
+    rng = random.Random(11)
+    s: SegmentSet[int] = SegmentSet()
+    for k in range(400):  # distinct values: nothing merges
+        start = rng.randrange(0, 4_000) * P
+        s.add(start, start + rng.randint(1, 6) * P, k)
+    sd: SortedDict[int, tuple[int, int]] = SortedDict({a: (b, v) for a, b, v in s})
+    assert len(sd) == len(s) > 100
+    for _ in range(500):
+        length = rng.randint(1, 8) * P
+        key = rng.randrange(0, 4_200) * P
+        assert baseline_first_fit(sd, length, key) == s.first_fit(length, key)
+    fragmented = build_set(1_000)
+    assert len(fragmented) == 1_000 and fragmented.first_fit(2 * P, 0) == 1_999 * P
 
 
 def test_churn_plan_is_the_same_for_everyone() -> None:

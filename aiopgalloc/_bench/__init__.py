@@ -10,13 +10,21 @@ interleaved (their order rotated every round) and medians reported:
 3. ``release``     freeing 1 GiB of 4 KiB pages until the kernel holds none,
                    against the bare punch-hole calls
 4. ``usage_scan``  ``update_usage()`` against the bare mincore walk
-5. ``eviction``    pressure notification to the first ``evict()`` call
+5. ``eviction``    pressure notification or ``start_evictions()`` to the
+                   first ``evict()`` call
 6. ``memory``      Python heap bytes per live segment (tracemalloc)
 7. ``commit``      ``allocate(commit=...)`` modes against first-touch faults
 8. ``checkpoint``  save / load throughput (informational)
+9. ``reuse``       recycling freed pages against release + refault
+10. ``storm``      a kernel pressure source (cgroup v1 eventfd): signal to
+                   ``evict()``, and event-loop lag under a storm of events
+11. ``segment_set`` SegmentSet operations alone, against a linear-scan
+                   first fit (the reference's)
 
 ``aiopgalloc._cli.bench`` parses the command line and runs them;
-``common`` holds the configuration, the result types and the machine
-description; ``report`` prints the table, writes the JSON and draws the PNG.
-Nothing here is imported by the library itself.
+``common`` holds the configuration, the result types, the machine
+description and the helpers every workload shares; ``report`` prints the
+table, writes the JSON and draws the PNG.  Nothing here is imported by the
+library itself.  ``benchmarks/profile_hot_paths.py`` profiles workloads 1
+and 3 with these modules; ``benchmarks/results/`` keeps committed results.
 """

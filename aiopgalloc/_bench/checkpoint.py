@@ -1,9 +1,8 @@
 """Workload 8: checkpoint save / load throughput (informational).
 
-The cases of ``benchmarks/bench_checkpoint.py``: files of 256 MiB and 1 GiB
-(``--quick``: 256 MiB) allocated as 2 MiB pieces, 10% and 50% of the pieces
-written with random bytes (no two pieces alike), the rest never touched.
-Timed:
+Files of 256 MiB and 1 GiB (``--quick``: 256 MiB) allocated as 2 MiB
+pieces, 10% and 50% of the pieces written with random bytes (no two pieces
+alike), the rest never touched.  Timed:
 
 - ``save`` to a file in a fresh temporary directory (fsync on, as by
   default: the checkpoint is on disk when ``save`` returns);
@@ -13,7 +12,8 @@ Timed:
   from the page cache, since it was just written).
 
 Throughput in MiB of committed data per second (what is really moved).
-Each figure is the median of 3 runs (1 with ``--quick``), as in that script.
+Each figure is the median of 3 runs (1 with ``--quick``); the checkpoint's
+size is in the JSON.
 """
 
 from __future__ import annotations

@@ -72,10 +72,11 @@ from .common import (
     rotate,
     run_on,
     spread_pct,
+    write_pages,
 )
 from .peers import FirstFitArena
 
-__all__ = ["run", "total_steps"]
+__all__ = ["Aiopgalloc", "FreeList", "arena_capacity", "make_plan", "run", "total_steps"]
 
 NAME = "churn"
 TITLE = "allocation churn vs mmap / shared_memory / free list / pyarrow"
@@ -118,9 +119,11 @@ def make_plan(seed: int, live: int, steps: int, windows: int) -> Plan:
     return Plan(initial, out)
 
 
-def _write_pages(buf: memoryview | mmap.mmap, start: int, n: int) -> None:
-    for o in range(start, start + n, P):
-        buf[o] = 1
+def arena_capacity(plan: Plan) -> int:
+    """The free list's arena for a plan: room for four times the initial
+    live set (at least 1 GiB) plus 4 MiB, in whole pages."""
+    capacity = max(1 << 30, 4 * sum(plan.initial)) + (1 << 22)
+    return capacity - capacity % P
 
 
 class Contender(Protocol):
@@ -160,7 +163,7 @@ class Aiopgalloc:
         for n in sizes:
             fr = mf.allocate(n)
             for v in mf.map_internal(fr):
-                _write_pages(v, 0, len(v))
+                write_pages(v, 0, len(v))
             self.live.append(fr)
         self._recycled0 = mf.stats().recycled_bytes
 
@@ -221,7 +224,7 @@ class Mmap:
         for n in sizes:
             m = mmap.mmap(-1, n)
             if self.write_initial:
-                _write_pages(m, 0, n)
+                write_pages(m, 0, n)
             self.live.append(m)
 
     def window(
@@ -288,7 +291,7 @@ class SharedMemory:
             if self.write_initial:
                 buf = shm.buf
                 assert buf is not None
-                _write_pages(buf, 0, n)
+                write_pages(buf, 0, n)
                 del buf
             self.live.append(shm)
 
@@ -348,7 +351,7 @@ class FreeList:
         arena, view = self.arena, self.arena.view
         for n in sizes:
             s = arena.alloc(n)
-            _write_pages(view, s, n)
+            write_pages(view, s, n)
             self.live.append((s, n))
 
     def window(
@@ -410,7 +413,7 @@ class Pyarrow:
         for n in sizes:
             b = allocate(n)
             with memoryview(b) as mv:
-                _write_pages(mv, 0, n)
+                write_pages(mv, 0, n)
             self.live.append(b)
 
     def window(
@@ -479,9 +482,6 @@ async def _workload(cfg: Config, progress: Progress, plan: Plan, budget: float) 
             f"shared_memory held {shm_cap:,} live segments, not {live:,}: RLIMIT_NOFILE is "
             f"{limit:,} and each live segment holds two fds"
         )
-    live_bytes = sum(plan.initial)
-    arena_capacity = max(1 << 30, 4 * live_bytes) + (1 << 22)
-    arena_capacity -= arena_capacity % P
     pa = _pyarrow()
     if pa is None:
         notes.append("pyarrow is not installed: its contender was skipped")
@@ -492,7 +492,7 @@ async def _workload(cfg: Config, progress: Progress, plan: Plan, budget: float) 
             Aiopgalloc(mf),
             Mmap(write_initial),
             SharedMemory(shm_cap, write_initial),
-            FreeList(arena_capacity),
+            FreeList(arena_capacity(plan)),
         ]
         if pa is not None:
             contenders.append(Pyarrow(pa))

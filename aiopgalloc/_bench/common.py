@@ -35,6 +35,8 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import anyio
 
+from ..ranges import PAGE_SIZE
+
 __all__ = [
     "BACKENDS",
     "Config",
@@ -55,6 +57,7 @@ __all__ = [
     "rotate",
     "run_on",
     "spread_pct",
+    "write_pages",
 ]
 
 T = TypeVar("T")
@@ -259,6 +262,14 @@ def interleave(
             samples[name].append(fn(rep))
             progress.step(f"{name}, repetition {rep + 1}/{reps}")
     return samples
+
+
+def write_pages(buf: Any, start: int, n: int) -> None:
+    """Write one byte (1) in every page of ``buf[start:start + n]`` (a
+    memoryview, an mmap or a bytearray): what commits them.  Timed loops
+    inline it instead (the call per allocation would be part of the figure)."""
+    for o in range(start, start + n, PAGE_SIZE):
+        buf[o] = 1
 
 
 def run_on(backend: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:

@@ -1,25 +1,28 @@
-"""Workload 5: from a pressure notification to the first ``evict()`` call.
+"""Workload 5: from an eviction request to the first ``evict()`` call.
 
-The method of ``benchmarks/bench_pressure.py``: a memory file with
-``DelayedEviction.ENABLED``, ``use_host_memcg_pressure=True`` and a
-``ManualPressure`` source, and a probe user with one evictable page whose
+A memory file with ``DelayedEviction.ENABLED``, ``use_host_memcg_pressure=True``
+and a ``ManualPressure`` source, and a probe user with one evictable page whose
 ``evict`` notes the time of its first call.  Each sample marks the page
 evictable again once the previous eviction has finished, lets the loop go
-idle (about 1 ms, so the notification finds it asleep in its poller, as a
-real one would), then calls ``ManualPressure.notify()``:
+idle (about 1 ms, so the request finds it asleep in its poller, as a real one
+would), then asks:
 
-- ``manual/loop``: on the event loop's thread (a policy task that decided
-  to shed);
-- ``manual/thread``: from another thread (a watchdog thread); the time is
-  taken in that thread just before the call;
+- ``manual/loop``: ``ManualPressure.notify()`` on the event loop's thread (a
+  policy task that decided to shed);
+- ``manual/thread``: the same from another thread (a watchdog thread); the
+  time is taken in that thread just before the call;
+- ``start_evictions/loop`` and ``start_evictions/thread``: ``mf.start_evictions()``
+  on a file with ``DelayedEviction.MANUAL`` instead (no pressure source in
+  the way: the request goes straight to the eviction dispatcher);
 
-and next to them the floor under the cross-thread figure, ``bare
+and next to them the floor under the cross-thread figures, ``bare
 wake/thread``: an eventfd written by the same thread and awaited with
 ``anyio.wait_readable``, no allocator involved.
 
 500 samples per series (100 with ``--quick``) after 20 of warm-up, on every
 chosen backend; reported: median and 99th percentile, in microseconds.
-Informational: no target.
+Informational: no target.  ``latency``, ``bare_wake``, ``Probe`` and
+``Poker`` are shared with workload 10 (``storm``).
 """
 
 from __future__ import annotations
@@ -42,12 +45,18 @@ from ..ranges import PAGE_SIZE, EvictableRange
 from ..usage import MemoryKind
 from .common import Config, Progress, Row, WorkloadResult, median, p99, perf_counter, run_on
 
-__all__ = ["run", "total_steps"]
+__all__ = ["Poker", "Probe", "bare_wake", "latency", "run", "total_steps"]
 
 NAME = "eviction"
-TITLE = "pressure notification to first evict()"
+TITLE = "pressure notification / start_evictions() to first evict()"
 IDLE_BEFORE_SAMPLE = 0.001
-SERIES = ("manual/loop", "manual/thread", "bare wake/thread")
+SERIES = (
+    "manual/loop",
+    "manual/thread",
+    "start_evictions/loop",
+    "start_evictions/thread",
+    "bare wake/thread",
+)
 
 
 def total_steps(cfg: Config) -> int:
@@ -107,7 +116,7 @@ class Poker:
         self._thread.join()
 
 
-async def _latency(
+async def latency(
     mf: MemoryFile, n: int, fire: Callable[[], None], poker: Poker | None
 ) -> list[float]:
     """``n`` samples (seconds) of notification -> first evict(); ``fire`` is
@@ -139,7 +148,7 @@ async def _latency(
     return samples
 
 
-async def _bare_wake(n: int, poker: Poker) -> list[float]:
+async def bare_wake(n: int, poker: Poker) -> list[float]:
     """``n`` samples of an eventfd written by the poker thread and awaited
     with ``anyio.wait_readable``."""
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -167,13 +176,20 @@ async def _backend(n: int, warmup: int) -> dict[str, list[float]]:
     )
     poker = Poker()
     try:
-        await _bare_wake(warmup, poker)
-        out["bare wake/thread"] = await _bare_wake(n, poker)
+        await bare_wake(warmup, poker)
+        out["bare wake/thread"] = await bare_wake(n, poker)
         async with open_memory_file(opts=opts) as mf:
-            await _latency(mf, warmup, manual.notify, None)
-            out["manual/loop"] = await _latency(mf, n, manual.notify, None)
-            await _latency(mf, warmup, manual.notify, poker)
-            out["manual/thread"] = await _latency(mf, n, manual.notify, poker)
+            await latency(mf, warmup, manual.notify, None)
+            out["manual/loop"] = await latency(mf, n, manual.notify, None)
+            await latency(mf, warmup, manual.notify, poker)
+            out["manual/thread"] = await latency(mf, n, manual.notify, poker)
+        async with open_memory_file(
+            opts=MemoryFileOpts(delayed_eviction=DelayedEviction.MANUAL)
+        ) as mf:
+            await latency(mf, warmup, mf.start_evictions, None)
+            out["start_evictions/loop"] = await latency(mf, n, mf.start_evictions, None)
+            await latency(mf, warmup, mf.start_evictions, poker)
+            out["start_evictions/thread"] = await latency(mf, n, mf.start_evictions, poker)
     finally:
         poker.stop()
     return out
@@ -196,7 +212,8 @@ def run(cfg: Config, progress: Progress) -> WorkloadResult:
             "samples_per_series": n,
             "warmup": warmup,
             "idle_before_sample_s": IDLE_BEFORE_SAMPLE,
-            "source": "ManualPressure.notify()",
+            "sources": "ManualPressure.notify() (ENABLED, host pressure); "
+            "mf.start_evictions() (MANUAL)",
         },
     )
     summary: dict[str, dict[str, Any]] = {}
@@ -212,7 +229,8 @@ def run(cfg: Config, progress: Progress) -> WorkloadResult:
                 "n": len(xs),
             }
             summary[b][name] = s
-        loop, thread, bare = (summary[b][k] for k in SERIES)
+        loop, thread = summary[b]["manual/loop"], summary[b]["manual/thread"]
+        bare = summary[b]["bare wake/thread"]
         result.rows.append(
             Row(
                 measurement=f"notify->evict() from the loop, median/p99 ({b})",
@@ -227,6 +245,16 @@ def run(cfg: Config, progress: Progress) -> WorkloadResult:
                 peer=f"{bare['median_us']:.0f}/{bare['p99_us']:.0f} us",
                 ratio=thread["median_us"] / bare["median_us"] if bare["median_us"] else None,
                 ratio_note="informational: medians, thread notify over the bare eventfd wake",
+            )
+        )
+        se_loop = summary[b]["start_evictions/loop"]
+        se_thread = summary[b]["start_evictions/thread"]
+        result.rows.append(
+            Row(
+                measurement=f"start_evictions()->evict(), loop / thread, median/p99 ({b})",
+                value=f"{se_loop['median_us']:.0f}/{se_loop['p99_us']:.0f}, "
+                f"{se_thread['median_us']:.0f}/{se_thread['p99_us']:.0f} us",
+                ratio_note="informational",
             )
         )
     result.data = {

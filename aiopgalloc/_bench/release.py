@@ -48,6 +48,7 @@ import anyio
 
 from ..host import syscalls
 from ..lifecycle import open_memory_file
+from ..memory_file import MemoryFile
 from ..ranges import PAGE_SIZE, FileRange
 from .common import (
     Config,
@@ -65,7 +66,16 @@ from .common import (
     spread_pct,
 )
 
-__all__ = ["plan_merged", "plan_online", "run", "total_steps"]
+__all__ = [
+    "committed_pages",
+    "freeing_order",
+    "plan_merged",
+    "plan_online",
+    "run",
+    "time_aiopgalloc",
+    "time_bare",
+    "total_steps",
+]
 
 NAME = "release"
 TITLE = "free interleaved 4 KiB pages until total_usage() is 0"
@@ -128,20 +138,27 @@ def _noop(fr: object) -> None:
     """Stands in for ``dec_ref`` in the call-floor loop."""
 
 
-async def _aiopgalloc(pages: int) -> dict[str, Any]:
+def committed_pages(mf: MemoryFile, pages: int) -> list[FileRange]:
+    """The setup: ``pages`` one-page allocations, contiguous from offset 0,
+    every page committed; returned in freeing order (``freeing_order``)."""
+    frs = [mf.allocate(P) for _ in range(pages)]
+    if frs[-1].end != pages * P:
+        raise RuntimeError("release setup: the pages are not contiguous from 0")
+    # Commit them all: one zero byte written to each page faults it in.
+    with mf.view(FileRange(0, pages * P)) as v:
+        v[::P] = bytes(pages)
+    got = mf.total_usage()
+    if got != pages * P:
+        raise RuntimeError(f"release setup: total_usage {got} != {pages * P}")
+    return [frs[i] for i in freeing_order(pages)]
+
+
+async def time_aiopgalloc(pages: int) -> dict[str, Any]:
+    """One aiopgalloc sample: free the pages of ``committed_pages`` until
+    ``total_usage()`` reads 0, and the no-op call floor beforehand."""
     async with open_memory_file() as mf:
-        alloc, dec_ref = mf.allocate, mf.dec_ref
-        total_usage = mf.total_usage
-        frs = [alloc(P) for _ in range(pages)]
-        if frs[-1].end != pages * P:
-            raise RuntimeError("release setup: the pages are not contiguous from 0")
-        # Commit them all: one zero byte written to each page faults it in.
-        mf.view(FileRange(0, pages * P))[::P] = bytes(pages)
-        got = total_usage()
-        if got != pages * P:
-            raise RuntimeError(f"release setup: total_usage {got} != {pages * P}")
-        order = [frs[i] for i in freeing_order(pages)]
-        del frs
+        dec_ref, total_usage = mf.dec_ref, mf.total_usage
+        order = committed_pages(mf, pages)
         # The floor of any Python API taking one call per freed page: the
         # same loop and yields around a call that does nothing.
         collect()
@@ -179,7 +196,7 @@ async def _aiopgalloc(pages: int) -> dict[str, Any]:
     }
 
 
-def _bare(pages: int, plans: list[list[tuple[int, int]]]) -> dict[str, Any]:
+def time_bare(pages: int, plans: list[list[tuple[int, int]]]) -> dict[str, Any]:
     """Punch ``plans`` (one ``punch_holes`` call per list) on a fresh memfd
     with the same pages written; time it until fstat reads 0."""
     size = pages * P
@@ -224,10 +241,10 @@ def run(cfg: Config, progress: Progress) -> WorkloadResult:
         plans["bare per page"] = [[(p * P, (p + 1) * P) for p in order]]
 
     def on_backend(b: str) -> Callable[[int], dict[str, Any]]:
-        return lambda rep: run_on(b, _aiopgalloc, pages)
+        return lambda rep: run_on(b, time_aiopgalloc, pages)
 
     def bare(name: str) -> Callable[[int], dict[str, Any]]:
-        return lambda rep: _bare(pages, plans[name])
+        return lambda rep: time_bare(pages, plans[name])
 
     contenders = [(f"aiopgalloc@{b}", on_backend(b)) for b in cfg.backends]
     contenders += [(name, bare(name)) for name in _bare_names(cfg)]

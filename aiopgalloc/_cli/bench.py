@@ -6,19 +6,21 @@ alternatives, with the performance targets.
 
 Runs the workloads of ``aiopgalloc._bench`` (1 churn, 2 scaling, 3 release,
 4 usage scan, 5 eviction latency, 6 memory per segment, 7 commit modes,
-8 checkpoint throughput) with a progress bar on stderr (``rich`` on a
+8 checkpoint throughput, 9 reuse policy, 10 pressure event storm, 11 segment
+set operations) with a progress bar on stderr (``rich`` on a
 terminal when installed, else one line per step), prints a table of the
 results with every ratio next to its target (PASS or MISS), writes
 everything to JSON (``bench-results.json`` in the current directory unless
 ``--json``) and draws the scaling curve as a PNG when matplotlib is
 installed (beside the JSON, same name with ``.png``, unless ``--png``).
 
-Backends: workloads 3, 4 and 5 (the ones whose timed part awaits: the
-releaser, a worker-thread scan, an eviction task) run on every backend
-chosen; the others (synchronous calls with the event loop idle, and the
-informational checkpoint figures) run once, on the first backend chosen
-(asyncio for ``all``).  ``--quick`` shrinks the sizes and takes 3
-repetitions instead of 5, finishing in under a minute.
+Backends: workloads 3, 4, 5 and 10 (the ones whose timed part awaits: the
+releaser, a worker-thread scan, an eviction task, the loop under a storm of
+pressure events) run on every backend chosen; the others (synchronous calls
+with the event loop idle, and the informational figures) run once, on the
+first backend chosen (asyncio for ``all``).  ``--quick`` shrinks the sizes
+and takes 3 repetitions instead of 5, finishing in about a minute and a
+half.
 
 Exit status: 0 when it ran (missed targets are reported, not errors); 2 for
 bad arguments, checked before anything runs: among them a ``--json`` or
@@ -51,6 +53,9 @@ WORKLOADS: dict[int, tuple[str, bool]] = {
     6: ("memory", False),
     7: ("commit", False),
     8: ("checkpoint", False),
+    9: ("reuse", False),
+    10: ("storm", True),
+    11: ("segment_set", False),
 }
 BACKEND_CHOICES = {"asyncio": "asyncio", "uvloop": "asyncio+uvloop", "trio": "trio"}
 
@@ -82,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Benchmarks of aiopgalloc side by side with the alternatives, "
         "with its performance targets.",
     )
-    p.add_argument("--quick", action="store_true", help="smaller sizes, 3 repetitions (< 1 min)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, 3 repetitions (~1.5 min)")
     p.add_argument(
         "--json",
         type=Path,
@@ -104,13 +109,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="1,2,...",
         help="which workloads to run (default: all: "
         "1 churn, 2 scaling, 3 release, 4 usage scan, 5 eviction, 6 memory, 7 commit modes, "
-        "8 checkpoint)",
+        "8 checkpoint, 9 reuse policy, 10 pressure storm, 11 segment set)",
     )
     p.add_argument(
         "--backend",
         choices=[*BACKEND_CHOICES, "all"],
         default="all",
-        help="anyio backend(s) (default: all; workloads 3-5 run on each, the others on the first)",
+        help="anyio backend(s) (default: all; workloads 3-5 and 10 run on each, "
+        "the others on the first)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     # Tiny sizes for the test suite: checks that everything runs, measures nothing.
@@ -189,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"mode {cfg.mode}: {cfg.reps} repetitions, interleaved, medians | workloads "
         f"{','.join(map(str, keys))} | backends {', '.join(backends)} "
-        f"(workloads 1, 2, 6, 7, 8 on {cfg.primary})",
+        f"(workloads {', '.join(str(k) for k, (_, each) in WORKLOADS.items() if not each)} "
+        f"on {cfg.primary})",
         flush=True,
     )
     for note in backend_notes:
