@@ -39,11 +39,6 @@ class Wakeups:
         self._closed = False  # guarded by _lock
         self._progress = anyio.Event()
 
-    @property
-    def pending(self) -> bool:
-        """Whether a wake-up was sent since the releaser last cleared it."""
-        return self._pending
-
     def wake(self) -> None:
         """Wake the releaser unless a wake-up is already pending.  Any
         thread; a no-op after ``close``.  O(1): one eventfd write at most."""

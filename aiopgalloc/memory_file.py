@@ -146,10 +146,6 @@ class MemoryFile:
         if self._closed:
             raise ClosedError("memory file is closed")
 
-    def _lease_locked(self) -> None:
-        """Take an I/O lease on the handle.  Precondition: _mu held, open."""
-        self._handle.acquire()
-
     @contextlib.contextmanager
     def _io(self) -> Iterator[None]:
         """A lease for one syscall outside the lock; ``ClosedError`` if closed.

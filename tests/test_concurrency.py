@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.to_thread
 import pytest
-from helpers import fill_byte, is_zero, stamp_bytes
+from helpers import FUZZ_LONG, fill_byte, is_zero, stamp_bytes
 
 from aiopgalloc import (
     HUGE_PAGE_SIZE,
@@ -191,7 +191,7 @@ class Worker:
 )
 async def test_threads_and_tasks_together(opts: MemoryFileOpts) -> None:
     seed = int(os.environ.get("AIOPGALLOC_TEST_SEED", "0"))
-    n_threads, n_tasks, n_ops = 4, 20, 2000
+    n_threads, n_tasks, n_ops = 4, 20, (4000 if FUZZ_LONG else 1000)
     async with open_memory_file(opts=opts) as mf:
         sh = Shared(mf)
         workers: list[Worker] = []

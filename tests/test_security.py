@@ -55,7 +55,7 @@ pytestmark = pytest.mark.anyio
 
 P = PAGE_SIZE
 H = HUGE_PAGE_SIZE
-CYCLES_TOTAL = 1_000_000 if FUZZ_LONG else 100_000
+CYCLES_TOTAL = 1_000_000 if FUZZ_LONG else 50_000
 CYCLES_PER_BACKEND = -(-CYCLES_TOTAL // 3)
 RECYCLE_MAX = 16 * P
 OPTS = MemoryFileOpts(chunk_size=H, recycle_max_bytes=RECYCLE_MAX)
