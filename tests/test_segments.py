@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from aiopgalloc import segment_blocks as segmod
+from aiopgalloc import segments as segmod
 from aiopgalloc.ranges import HUGE_PAGE_SIZE, PAGE_SIZE
 from aiopgalloc.segments import SegmentSet
 
@@ -61,6 +61,11 @@ def nblocks(s: SegmentSet[Any]) -> int:
     return len(s._starts)
 
 
+def merge_all(s: SegmentSet[Any]) -> None:
+    """Merge every touching, mergeable pair in the set."""
+    s.merge_range(s.min_key, s.max_key)
+
+
 # ------------------------------------------------------------------ basics
 
 
@@ -74,16 +79,12 @@ def test_empty_set() -> None:
     assert s.last() is None
     assert s.find(0) is None
     assert s.lower_bound(0) is None
-    assert s.upper_bound(10) is None
     assert s.next_segment(0) is None
     assert s.prev_segment(10) is None
-    assert s.find_gap(5) == (0, 1 << 64)
-    assert s.next_gap(5) == (0, 1 << 64)
+    assert list(s.gaps()) == [(0, 1 << 64)]
     assert list(s.gaps(0, 10)) == [(0, 10)]
-    assert s.first_gap_in(3, 7) == (3, 7)
-    assert not s.is_covered(0, 1)
-    assert s.is_covered(5, 5)  # vacuously
-    assert str(s) == "(empty)"
+    assert list(s.gaps(5, 5)) == []
+    assert repr(s) == "<SegmentSet 0 segments, 0x0 bytes>"
     assert s.is_maximally_merged()
     s.check()
 
@@ -99,13 +100,12 @@ def test_default_and_custom_key_bounds() -> None:
         SegmentSet(min_key=11, max_key=10)
 
 
-def test_len_bool_total_iter_str_repr() -> None:
+def test_len_bool_total_iter_repr() -> None:
     s = build([(0x1000, 0x2000, "a"), (0x3000, 0x5000, "b")])
     assert len(s) == 2
     assert s
     assert s.total_length == 0x3000
     assert list(s) == [(0x1000, 0x2000, "a"), (0x3000, 0x5000, "b")]
-    assert str(s) == "[0x1000, 0x2000) 'a'\n[0x3000, 0x5000) 'b'"
     assert repr(s) == "<SegmentSet 2 segments, 0x3000 bytes>"
 
 
@@ -136,29 +136,28 @@ def test_find(key: int, expected: Seg | None) -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "lower", "upper", "nxt", "prev"),
+    ("key", "lower", "nxt", "prev"),
     [
-        # lower_bound: first end > key; upper_bound: last start <= key;
-        # next_segment: first start > key; prev_segment: last end <= key.
-        (0, (10, 20, "a"), None, (10, 20, "a"), None),
-        (10, (10, 20, "a"), (10, 20, "a"), (20, 30, "b"), None),
-        (15, (10, 20, "a"), (10, 20, "a"), (20, 30, "b"), None),
-        (20, (20, 30, "b"), (20, 30, "b"), (40, 50, "c"), (10, 20, "a")),
-        (25, (20, 30, "b"), (20, 30, "b"), (40, 50, "c"), (10, 20, "a")),
-        (30, (40, 50, "c"), (20, 30, "b"), (40, 50, "c"), (20, 30, "b")),
-        (35, (40, 50, "c"), (20, 30, "b"), (40, 50, "c"), (20, 30, "b")),
-        (40, (40, 50, "c"), (40, 50, "c"), None, (20, 30, "b")),
-        (45, (40, 50, "c"), (40, 50, "c"), None, (20, 30, "b")),
-        (50, None, (40, 50, "c"), None, (40, 50, "c")),
-        (99, None, (40, 50, "c"), None, (40, 50, "c")),
+        # lower_bound: first end > key; next_segment: first start > key;
+        # prev_segment: last end <= key.
+        (0, (10, 20, "a"), (10, 20, "a"), None),
+        (10, (10, 20, "a"), (20, 30, "b"), None),
+        (15, (10, 20, "a"), (20, 30, "b"), None),
+        (20, (20, 30, "b"), (40, 50, "c"), (10, 20, "a")),
+        (25, (20, 30, "b"), (40, 50, "c"), (10, 20, "a")),
+        (30, (40, 50, "c"), (40, 50, "c"), (20, 30, "b")),
+        (35, (40, 50, "c"), (40, 50, "c"), (20, 30, "b")),
+        (40, (40, 50, "c"), None, (20, 30, "b")),
+        (45, (40, 50, "c"), None, (20, 30, "b")),
+        (50, None, None, (40, 50, "c")),
+        (99, None, None, (40, 50, "c")),
     ],
 )
 def test_bounds_and_neighbours(
-    key: int, lower: Seg | None, upper: Seg | None, nxt: Seg | None, prev: Seg | None
+    key: int, lower: Seg | None, nxt: Seg | None, prev: Seg | None
 ) -> None:
     s = build(ABC)
     assert s.lower_bound(key) == lower
-    assert s.upper_bound(key) == upper
     assert s.next_segment(key) == nxt
     assert s.prev_segment(key) == prev
 
@@ -183,63 +182,16 @@ def test_lookups_across_many_blocks(load: int) -> None:
         assert s.find(hi - 1) == seg
         assert s.find(hi) is None
         assert s.lower_bound(hi) == (s.find(hi + 10) if k + 1 < n else None)
-        assert s.upper_bound(hi + 5) == seg
         assert s.prev_segment(hi) == seg
         assert s.prev_segment(lo) == ((lo - 20, lo - 10, k - 1) if k else None)
         assert s.next_segment(lo) == ((lo + 20, hi + 20, k + 1) if k + 1 < n else None)
-        assert s.find_gap(hi) == (hi, hi + 10 if k + 1 < n else 1 << 64)
-        assert s.find_gap(lo) is None
+        assert next(s.gaps(hi)) == (hi, hi + 10 if k + 1 < n else 1 << 64)
+        assert list(s.gaps(lo, hi)) == []
 
 
-@pytest.mark.parametrize(
-    ("key", "expected"),
-    [
-        (0, (0, 10)),
-        (9, (0, 10)),
-        (10, None),
-        (25, None),
-        (30, (30, 40)),
-        (39, (30, 40)),
-        (40, None),
-        (50, (50, 1000)),
-        (999, (50, 1000)),
-    ],
-)
-def test_find_gap(key: int, expected: tuple[int, int] | None) -> None:
-    s = build(ABC, max_key=1000)
-    assert s.find_gap(key) == expected
-
-
-def test_find_gap_starts_at_min_key() -> None:
+def test_gaps_start_at_min_key() -> None:
     s = build([(20, 30, 1)], min_key=5, max_key=100)
-    assert s.find_gap(5) == (5, 20)
-    assert s.find_gap(30) == (30, 100)
-
-
-@pytest.mark.parametrize(
-    ("key", "expected"),
-    [
-        (0, (0, 10)),
-        (5, (0, 10)),  # the gap holding key, unclipped
-        (10, (30, 40)),  # inside touching segments: skips to the next gap
-        (20, (30, 40)),
-        (29, (30, 40)),
-        (35, (30, 40)),
-        (45, (50, 1000)),
-        (60, (50, 1000)),
-        (999, (50, 1000)),
-        (1000, None),
-    ],
-)
-def test_next_gap(key: int, expected: tuple[int, int] | None) -> None:
-    s = build(ABC, max_key=1000)
-    assert s.next_gap(key) == expected
-
-
-def test_next_gap_none_when_full_to_max_key() -> None:
-    s = build([(0, 10, 1), (10, 100, 2)], max_key=100)
-    assert s.next_gap(0) is None
-    assert s.next_gap(50) is None
+    assert list(s.gaps()) == [(5, 20), (30, 100)]
 
 
 def test_gaps() -> None:
@@ -269,18 +221,14 @@ def test_segments_overlapping() -> None:
     assert list(s.segments(25, 15)) == []
 
 
-def test_first_gap_in_and_is_covered() -> None:
+def test_gaps_of_covered_and_uncovered_ranges() -> None:
     s = build(ABC)
-    assert s.first_gap_in(10, 30) is None
-    assert s.is_covered(10, 30)
-    assert s.is_covered(12, 28)
-    assert s.first_gap_in(10, 31) == (30, 31)
-    assert not s.is_covered(10, 31)
-    assert s.first_gap_in(5, 45) == (5, 10)
-    assert s.first_gap_in(25, 45) == (30, 40)
-    assert s.is_covered(40, 50)
-    assert not s.is_covered(39, 50)
-    assert s.first_gap_in(45, 60) == (50, 60)
+    assert list(s.gaps(10, 30)) == []  # touching segments cover it
+    assert list(s.gaps(12, 28)) == []
+    assert list(s.gaps(10, 31)) == [(30, 31)]
+    assert list(s.gaps(40, 50)) == []
+    assert list(s.gaps(39, 50)) == [(39, 40)]
+    assert list(s.gaps(25, 45)) == [(30, 40)]
 
 
 def test_gap_queries_across_many_blocks(load: int) -> None:
@@ -288,11 +236,11 @@ def test_gap_queries_across_many_blocks(load: int) -> None:
     expected = [(6 * k + 3, 6 * k + 6) for k in range(199)] + [(6 * 199 + 3, 1 << 64)]
     assert list(s.gaps(3)) == expected
     assert list(s.gaps(1, 20)) == [(3, 6), (9, 12), (15, 18)]
-    assert s.first_gap_in(600, 700) == (603, 606)
-    assert not s.is_covered(0, 4)
-    assert s.is_covered(600, 603)
+    assert next(s.gaps(600, 700)) == (603, 606)
+    assert list(s.gaps(0, 4)) == [(3, 4)]
+    assert list(s.gaps(600, 603)) == []
     for k in range(0, 199, 7):
-        assert s.next_gap(6 * k) == (6 * k + 3, 6 * k + 6)
+        assert next(s.gaps(6 * k)) == (6 * k + 3, 6 * k + 6)
 
 
 # ---------------------------------------------------------------- first fit
@@ -301,7 +249,7 @@ def test_gap_queries_across_many_blocks(load: int) -> None:
 @pytest.mark.parametrize(
     ("used", "length", "alignment", "expected", "single_page"),
     [
-        # The reference's findUnallocatedRange table (NOTES.md): the answer
+        # The reference's findUnallocatedRange table: the answer
         # for (length, alignment), then for one page.
         ([], P, P, 0, 0),
         ([(P, 2 * P, 1)], P, P, 0, 0),
@@ -331,7 +279,6 @@ def test_first_fit_reference_table(
     if alignment == P:
         assert s.first_fit(length) == expected
     # The answer really is a free range.
-    assert s.is_covered(expected, expected + length) is False
     assert list(s.segments(expected, expected + length)) == []
 
 
@@ -643,7 +590,7 @@ def test_add_at_the_key_bounds() -> None:
     s.check()
     assert list(s) == [(10, 20, 1)]
     assert s.first_fit(1) is None
-    assert s.is_covered(10, 20)
+    assert list(s.gaps()) == []
 
 
 def test_many_adds_merge_into_one(load: int) -> None:
@@ -721,7 +668,7 @@ def test_fill_many_gaps(load: int) -> None:
     s = fragmented(100)
     assert s.fill(0, 200, "f") == 100
     s.check()
-    assert s.is_covered(0, 200)
+    assert list(s.gaps(0, 200)) == []
     assert len(s) == 200
 
 
@@ -955,7 +902,7 @@ def test_split_at_every_key_then_merge_back(load: int) -> None:
     assert len(s) == 100
     assert list(s) == [(k, k + 1, "a") for k in range(100)]
     assert not s.is_maximally_merged()
-    s.merge_all()
+    merge_all(s)
     s.check()
     assert list(s) == [(0, 100, "a")]
 
@@ -1140,7 +1087,7 @@ def test_merge_all_and_is_maximally_merged(load: int) -> None:
         segs.append((k, k + 1, k // 10))  # runs of ten equal values
     s = build(segs)
     assert not s.is_maximally_merged()
-    s.merge_all()
+    merge_all(s)
     s.check()
     assert list(s) == [(10 * j, 10 * j + 10, j) for j in range(30)]
     assert s.is_maximally_merged()
@@ -1183,7 +1130,7 @@ def test_custom_policy_extends_the_next_segment_with_the_new_left_value() -> Non
 def test_custom_policy_drives_merge_all_and_is_maximally_merged() -> None:
     s = build([(0, 1, 1), (1, 2, 3), (2, 3, 2), (3, 4, 4), (4, 5, 5)], mergeable=same_parity)
     assert not s.is_maximally_merged()
-    s.merge_all()
+    merge_all(s)
     s.check()
     assert list(s) == [(0, 2, 1), (2, 4, 2), (4, 5, 5)]
     assert s.is_maximally_merged()
@@ -1193,7 +1140,7 @@ def test_never_merge_policy() -> None:
     s: SegmentSet[int] = SegmentSet(lambda a, b: False)
     assert s.add(0, 1, 1)
     assert s.add(1, 2, 1)
-    s.merge_all()
+    merge_all(s)
     assert len(s) == 2
     assert s.is_maximally_merged()
 
@@ -1206,7 +1153,7 @@ def test_policy_sees_left_then_right() -> None:
         return True
 
     s = build([(0, 10, "L"), (10, 20, "R")], mergeable=policy)
-    s.merge_all()
+    merge_all(s)
     assert calls == [("L", "R")]
     assert list(s) == [(0, 20, "L")]
 
@@ -1217,8 +1164,6 @@ def test_policy_sees_left_then_right() -> None:
 def test_min_max_key_bound_every_query_and_mutation() -> None:
     s: SegmentSet[str] = SegmentSet(min_key=100, max_key=200)
     assert list(s.gaps()) == [(100, 200)]
-    assert s.find_gap(150) == (100, 200)
-    assert s.next_gap(0) == (100, 200)
     assert s.first_fit(100) == 100
     assert s.first_fit(101) is None
     assert s.first_fit(64, alignment=64) == 128
@@ -1231,10 +1176,9 @@ def test_min_max_key_bound_every_query_and_mutation() -> None:
     assert s.add(190, 200, "y")
     s.check()
     assert list(s.gaps()) == [(110, 190)]
-    assert s.find_gap(150) == (110, 190)
     assert s.first_fit(80) == 110
     assert s.first_fit(81) is None
-    assert s.next_gap(195) is None
+    assert list(s.gaps(195)) == []
 
 
 # ------------------------------------------------- structure under small load
@@ -1269,7 +1213,7 @@ def test_split_heavy_workload_under_small_load(load: int) -> None:
         s.check()
     for k in range(0, 64, 2):
         s.set_value(k, "b")
-    s.merge_all()
+    merge_all(s)
     s.check()
     assert len(s) == 64  # alternating values: nothing merges
     for k in range(0, 64, 2):

@@ -32,7 +32,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from aiopgalloc import segment_blocks as segmod
+from aiopgalloc import segments as segmod
 from aiopgalloc.segments import SegmentSet
 
 LONG = os.environ.get("AIOPGALLOC_FUZZ", "").lower() == "long"
@@ -131,31 +131,11 @@ class Model:
     def lower_bound(self, k: int) -> Seg | None:
         return next((g for g in self.segments() if g[1] > k), None)
 
-    def upper_bound(self, k: int) -> Seg | None:
-        return next((g for g in reversed(self.segments()) if g[0] <= k), None)
-
     def next_segment(self, k: int) -> Seg | None:
         return next((g for g in self.segments() if g[0] > k), None)
 
     def prev_segment(self, k: int) -> Seg | None:
         return next((g for g in reversed(self.segments()) if g[1] <= k), None)
-
-    def find_gap(self, k: int) -> tuple[int, int] | None:
-        if k in self.val:
-            return None
-        gs = k
-        while gs > self.lo and gs - 1 not in self.val:
-            gs -= 1
-        ge = k
-        while ge < self.hi and ge not in self.val:
-            ge += 1
-        return gs, ge
-
-    def next_gap(self, k: int) -> tuple[int, int] | None:
-        for u in range(k, self.hi):
-            if u not in self.val:
-                return self.find_gap(u)
-        return None
 
     def gaps(self, a: int, b: int) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
@@ -305,9 +285,6 @@ class SegmentSetMachine(RuleBasedStateMachine):
 
     def valid(self, s: int, e: int) -> bool:
         return self.m.lo <= s < e <= self.m.hi
-
-    def in_space(self, k: int) -> bool:
-        return self.m.lo <= k < self.m.hi
 
     @initialize(
         load=st.sampled_from([1, 2, 3, 4, 8]),
@@ -466,9 +443,9 @@ class SegmentSetMachine(RuleBasedStateMachine):
         self.m.merge_adjacent(start, start + length)
 
     @rule()
-    def merge_all(self) -> None:
+    def merge_everything(self) -> None:
         self.step()
-        self.s.merge_all()
+        self.s.merge_range(self.s.min_key, self.s.max_key)
         self.m.merge_range(self.m.lo, self.m.hi)
         assert self.s.is_maximally_merged()
 
@@ -524,8 +501,7 @@ class SegmentSetMachine(RuleBasedStateMachine):
         lo, hi = segs[i][0], segs[j][1]
         start = data.draw(st.integers(lo, hi - 1))
         end = data.draw(st.integers(start + 1, hi))
-        assert self.s.is_covered(start, end)
-        assert self.s.first_gap_in(start, end) is None
+        assert list(self.s.gaps(start, end)) == []
         seen: list[Seg] = []
 
         def fn(a: int, b: int, v: int) -> int:
@@ -566,12 +542,8 @@ class SegmentSetMachine(RuleBasedStateMachine):
         s, m = self.s, self.m
         assert s.find(key) == m.seg_at(key)
         assert s.lower_bound(key) == m.lower_bound(key)
-        assert s.upper_bound(key) == m.upper_bound(key)
         assert s.next_segment(key) == m.next_segment(key)
         assert s.prev_segment(key) == m.prev_segment(key)
-        if self.in_space(key):
-            assert s.find_gap(key) == m.find_gap(key)
-            assert s.next_gap(key) == m.next_gap(key)
 
     @rule(start=keys, length=st.integers(0, 60))
     def range_queries(self, start: int, length: int) -> None:
@@ -582,10 +554,7 @@ class SegmentSetMachine(RuleBasedStateMachine):
         # An empty range overlaps no segment, even one around start.
         expected_segs = [g for g in m.segments() if g[0] < end and g[1] > start and start < end]
         assert list(s.segments(start, end)) == expected_segs
-        gaps = m.gaps(start, end)
-        assert list(s.gaps(start, end)) == gaps
-        assert s.first_gap_in(start, end) == (gaps[0] if gaps else None)
-        assert s.is_covered(start, end) == (not gaps)
+        assert list(s.gaps(start, end)) == m.gaps(start, end)
 
     # ----------------------------------------------------------- invariants
 
@@ -648,6 +617,5 @@ def test_model_agrees_with_itself_on_a_small_case() -> None:
     assert m.first_fit(5, None, 4) == 4
     assert m.first_fit(4, None, 8) == 16
     assert m.first_fit(5, None, 8) is None
-    assert m.find_gap(5) == (2, 11)
-    assert m.next_gap(12) == (15, 20)
+    assert m.gaps(0, 20) == [(2, 11), (15, 20)]
     m.self_check()
