@@ -34,14 +34,13 @@ at the largest size the baseline runs.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from sortedcontainers import SortedDict
 
+from .. import segments
 from ..ranges import PAGE_SIZE
 from ..segments import SegmentSet
 from .common import (
@@ -86,14 +85,10 @@ def total_steps(cfg: Config) -> int:
 
 
 def _block_size() -> int | None:
-    """The segment set's block size (``_LOAD``), wherever the storage keeps
-    it; None if it cannot be found."""
-    for module in ("aiopgalloc.segments", "aiopgalloc.segment_blocks"):
-        with contextlib.suppress(ImportError):
-            load = getattr(importlib.import_module(module), "_LOAD", None)
-            if isinstance(load, int):
-                return load
-    return None
+    """The segment set's block size (for the report only); None if the
+    module no longer says."""
+    load = getattr(segments, "_LOAD", None)
+    return load if isinstance(load, int) else None
 
 
 def build_set(n: int) -> SegmentSet[int]:
