@@ -27,10 +27,12 @@ Rules, as in the reference (gVisor's pgalloc), with tasks for goroutines:
 When evictions start (``DelayedEviction``, resolved by the options):
 
 - ``DISABLED``: as soon as a range is marked;
-- ``ENABLED`` without host pressure: when the releaser runs out of work
-  (``on_releaser_idle``), which ``mark_evictable`` prompts by waking it;
-- ``ENABLED`` with host pressure: on ``on_pressure`` (fed by the pressure
-  watcher), possibly only for a share of each user's bytes ("graded");
+- ``ENABLED``: on ``on_pressure`` (fed by the pressure watcher, when the
+  file listens to a source), possibly only for a share of each user's
+  bytes ("graded"); without pressure, never on its own;
+- ``IDLE`` (the reference's ``ENABLED`` without host pressure): when the
+  releaser runs out of work (``on_releaser_idle``), which
+  ``mark_evictable`` prompts by waking it;
 - ``MANUAL``: only on ``start_evictions()``.
 ``start_evictions()`` works in every mode.
 
@@ -144,7 +146,11 @@ class Evictions:
         if mode is DelayedEviction.DEFAULT:
             mode = DelayedEviction.ENABLED
         self._mode = mode
-        self._use_pressure = mode is DelayedEviction.ENABLED and opts.use_host_memcg_pressure
+        # None (listen when the host offers a source) counts as listening:
+        # pressure can only arrive from a source the file opened.
+        self._use_pressure = (
+            mode is DelayedEviction.ENABLED and opts.use_host_memcg_pressure is not False
+        )
         self._wake_releaser = wake_releaser
         self._lock = threading.Lock()
         # ---- guarded by _lock
@@ -201,7 +207,7 @@ class Evictions:
                 if self._mode is DelayedEviction.DISABLED:
                     self._begin_locked(state, None)
                     spawn = self._kick_locked()
-                elif self._mode is DelayedEviction.ENABLED and not self._use_pressure:
+                elif self._mode is DelayedEviction.IDLE:
                     wake = True
         if spawn:
             self._spawn_queued()
@@ -245,10 +251,10 @@ class Evictions:
                 del self._users[key]
 
     def should_cache_evictable(self) -> bool:
-        """Whether evictions are really delayed (``MANUAL``, or ``ENABLED``
-        driven by host pressure), so caching in evictable memory may pay
-        off.  The reference's rule.  O(1)."""
-        return self._mode is DelayedEviction.MANUAL or self._use_pressure
+        """Whether evictions are really delayed (``ENABLED`` or ``MANUAL``:
+        evictable memory is kept until pressure or an explicit call), so
+        caching in evictable memory may pay off.  O(1)."""
+        return self._mode in (DelayedEviction.ENABLED, DelayedEviction.MANUAL)
 
     # ------------------------------------------------------------ starting
 
@@ -269,18 +275,18 @@ class Evictions:
         return started
 
     def on_releaser_idle(self) -> None:
-        """The releaser ran out of work: in ``ENABLED`` mode without host
-        pressure, that is the moment to evict (as in the reference).  Cost:
+        """The releaser ran out of work: in ``IDLE`` mode that is the moment
+        to evict (the reference's ``ENABLED`` without host pressure).  Cost:
         O(users) in that mode, O(1) otherwise."""
-        if self._mode is DelayedEviction.ENABLED and not self._use_pressure and self._users:
+        if self._mode is DelayedEviction.IDLE and self._users:
             self.start_evictions()
 
     def on_pressure(self, level: int, fraction: float = 1.0) -> bool:
         """The host reports memory pressure of ``level`` (1 = low, 2 =
         medium, 3 = critical; see ``host.pressure.PressureLevel``).
 
-        Only in ``ENABLED`` mode with ``use_host_memcg_pressure`` (otherwise
-        it returns False and does nothing).  With ``fraction == 1.0`` it is
+        Only in ``ENABLED`` mode with ``use_host_memcg_pressure`` not False
+        (otherwise it returns False and does nothing).  With ``fraction == 1.0`` it is
         ``start_evictions()``.  With a smaller ``fraction``, each user is
         asked for that share of its evictable bytes (rounded up), from the
         end: whole ranges first, and the last one cut at a page boundary so

@@ -164,18 +164,18 @@ def _pressure_source(
 
     The source given in the options, or the best one the host offers.
     When the service manager switched pressure handling off
-    (``MEMORY_PRESSURE_WATCH=/dev/null``), none, said once at INFO.
-    Raises ``NoPressureSourceError`` (an ``OSError``) naming every source
-    tried and why it failed, as the reference fails when it cannot set up
-    its cgroup notifications."""
-    if not opts.use_host_memcg_pressure:
-        if not asked.use_host_memcg_pressure:
+    (``MEMORY_PRESSURE_WATCH=/dev/null``), none, said once at INFO.  With
+    ``use_host_memcg_pressure=None`` a host without a working source opens
+    the file without one, the reason kept as the note (logged at DEBUG).
+    With ``True`` that raises ``NoPressureSourceError`` (an ``OSError``)
+    naming every source tried and why it failed, as the reference fails
+    when it cannot set up its cgroup notifications."""
+    if opts.use_host_memcg_pressure is False:
+        if asked.use_host_memcg_pressure is False:
             note = "use_host_memcg_pressure is False"
-            if asked.pressure_source is not None:
-                note += " (the pressure_source given is not used)"
         else:
             mode = asked.delayed_eviction
-            assert mode in (DelayedEviction.DISABLED, DelayedEviction.MANUAL)
+            assert mode in (DelayedEviction.DISABLED, DelayedEviction.MANUAL, DelayedEviction.IDLE)
             note = f"delayed_eviction={mode.name} does not use memory pressure"
         return None, "", note
     if opts.pressure_source is not None:
@@ -185,8 +185,14 @@ def _pressure_source(
     except pressure.PressureHandlingOff as exc:
         log.info("host memory pressure is off for this file: %s", exc.note)
         return None, "", exc.note
+    except pressure.NoPressureSourceError as exc:
+        if opts.use_host_memcg_pressure:
+            raise
+        note = f"no memory-pressure source works on this host: {exc}"
+        log.debug("opening without host memory pressure: %s", note)
+        return None, "", note
     for line in report:
-        log.info("pressure source: %s", line)
+        log.debug("pressure source: %s", line)
     return source, _source_name(source), ""
 
 

@@ -45,19 +45,28 @@ ranges than the largest file has pages."""
 
 
 class DelayedEviction(enum.Enum):
-    """How long evictable memory may stay cached (the reference's meanings).
+    """When evictable memory is asked back.
 
     - ``DEFAULT``: becomes ``ENABLED``.
+    - ``ENABLED``: only under memory pressure (the host's, when the file
+      listens to it, or a ``pressure_source`` such as ``ManualPressure``)
+      or when ``start_evictions()`` is called.  Without pressure, evictable
+      memory stays cached for as long as the file lives: what a service's
+      cache wants.
+    - ``IDLE``: the reference's ``ENABLED`` without host pressure: evict as
+      soon as the releaser runs out of work, within milliseconds of a range
+      being marked evictable whether memory is short or not.  Suits a
+      sandbox's page cache that the host must be able to take back at any
+      time; not a cache a service wants to keep.  Uses no pressure source.
     - ``DISABLED``: evict as soon as a range is marked evictable.
-    - ``ENABLED``: with ``use_host_memcg_pressure``, evict under host memory
-      pressure; without it, when the releaser runs out of work.
-    - ``MANUAL``: only when ``start_evictions()`` is called (tests).
+    - ``MANUAL``: only when ``start_evictions()`` is called.
     """
 
     DEFAULT = 0
     DISABLED = 1
     ENABLED = 2
     MANUAL = 3
+    IDLE = 4
 
 
 class CommitMode(enum.Enum):
@@ -151,8 +160,14 @@ class MemoryFileOpts:
 
     - ``delayed_eviction``: see ``DelayedEviction``.
     - ``use_host_memcg_pressure``: drive evictions from the host's memory
-      pressure notifications (only with ``ENABLED``; ignored, as in the
-      reference, with ``DISABLED`` and ``MANUAL``).
+      pressure notifications (only with ``ENABLED``).  ``None`` (the
+      default): listen when this host offers a source, and open without one
+      when none works, with the reason in ``stats().pressure_note`` (and in
+      ``python -m aiopgalloc info``).  ``True``: the file must listen;
+      opening fails with ``NoPressureSourceError`` when no source works.
+      ``False``: never.  With ``DISABLED``, ``MANUAL`` and ``IDLE`` the file
+      listens to no pressure (``True`` is ignored there, as in the
+      reference).
     - ``chunk_size``: bytes per mapping and growth step; a power of two from
       ``HUGE_PAGE_SIZE`` to ``MAX_CHUNK_SIZE``.
     - ``recycle_max_bytes``: allocations up to this size may reuse freed pages
@@ -164,8 +179,10 @@ class MemoryFileOpts:
       a worker thread (a thread hop costs far more than a few small punches).
     - ``pressure_source``: a pressure source (``PressureSource``: an async
       context manager that is an async iterator of events with a ``level``;
-      see ``aiopgalloc.host.pressure``), used instead of the host's when
-      given and ``use_host_memcg_pressure`` is True.
+      see ``aiopgalloc.host.pressure``), listened to instead of the host's
+      (``ManualPressure`` fires it from code).  Only with ``ENABLED`` and
+      ``use_host_memcg_pressure`` not False: a source the file would not
+      listen to is refused, not ignored.
     - ``evict_fraction_low`` / ``evict_fraction_medium``: graded eviction.  On
       a low (medium) pressure notification each evictable user is asked for
       this share of its evictable bytes, from the end; critical pressure
@@ -179,7 +196,7 @@ class MemoryFileOpts:
     field                         type       allowed
     ============================  =========  =====================================
     delayed_eviction              enum       a ``DelayedEviction``
-    use_host_memcg_pressure       bool       True or False (not 0/1, not a string)
+    use_host_memcg_pressure       bool/None  None, True or False (not 0/1, not a string)
     chunk_size                    int        a power of two in
                                              [``HUGE_PAGE_SIZE``, ``MAX_CHUNK_SIZE``]
     recycle_max_bytes             int        [0, ``MAX_THRESHOLD_BYTES``]
@@ -187,7 +204,8 @@ class MemoryFileOpts:
     release_inline_max_ranges     int        [0, ``MAX_THRESHOLD_RANGES``]
     pressure_source               object     None, or an instance with
                                              ``__aenter__``, ``__aexit__``,
-                                             ``__aiter__``
+                                             ``__aiter__``; only where the
+                                             file listens to pressure
     evict_fraction_low / _medium  float/int  in (0, 1]
     ============================  =========  =====================================
 
@@ -196,7 +214,7 @@ class MemoryFileOpts:
     """
 
     delayed_eviction: DelayedEviction = DelayedEviction.DEFAULT
-    use_host_memcg_pressure: bool = False
+    use_host_memcg_pressure: bool | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
     recycle_max_bytes: int = 2 * 1024 * 1024
     release_inline_max_bytes: int = 256 * 1024
@@ -212,10 +230,11 @@ class MemoryFileOpts:
                 f"({', '.join(m.name for m in DelayedEviction)}), "
                 f"got {self.delayed_eviction!r}"
             )
-        if type(self.use_host_memcg_pressure) is not bool:
+        use_pressure = self.use_host_memcg_pressure
+        if use_pressure is not None and type(use_pressure) is not bool:
             raise TypeError(
-                "MemoryFileOpts.use_host_memcg_pressure must be True or False, "
-                f"got {self.use_host_memcg_pressure!r}"
+                "MemoryFileOpts.use_host_memcg_pressure must be None, True or False, "
+                f"got {use_pressure!r}"
             )
         cs = self._int_in("chunk_size", HUGE_PAGE_SIZE, MAX_CHUNK_SIZE, "an int, a power of two")
         if cs & (cs - 1) or cs % PAGE_SIZE:
@@ -227,6 +246,18 @@ class MemoryFileOpts:
         self._int_in("release_inline_max_bytes", 0, MAX_THRESHOLD_BYTES)
         self._int_in("release_inline_max_ranges", 0, MAX_THRESHOLD_RANGES)
         _check_pressure_source(self.pressure_source)
+        if self.pressure_source is not None:
+            if self.use_host_memcg_pressure is False:
+                raise ValueError(
+                    "MemoryFileOpts.pressure_source is given but use_host_memcg_pressure is "
+                    "False, so the file would never listen to it: drop one of the two"
+                )
+            if self.delayed_eviction in _NO_PRESSURE:
+                raise ValueError(
+                    "MemoryFileOpts.pressure_source is given but delayed_eviction="
+                    f"{self.delayed_eviction.name} listens to no pressure: use ENABLED "
+                    "(the default) or drop the source"
+                )
         for name in ("evict_fraction_low", "evict_fraction_medium"):
             f = getattr(self, name)
             if isinstance(f, bool) or not isinstance(f, int | float):
@@ -249,16 +280,21 @@ class MemoryFileOpts:
         return v
 
     def resolved(self) -> MemoryFileOpts:
-        """The options as the file applies them (the reference's rules):
-        ``DEFAULT`` becomes ``ENABLED``; ``DISABLED`` and ``MANUAL`` turn
-        host pressure off."""
+        """The options as the file applies them: ``DEFAULT`` becomes
+        ``ENABLED``; ``DISABLED``, ``MANUAL`` and ``IDLE`` turn host
+        pressure off; ``use_host_memcg_pressure=None`` stays None (decided
+        when the file opens)."""
         de = self.delayed_eviction
         use_pressure = self.use_host_memcg_pressure
         if de is DelayedEviction.DEFAULT:
             de = DelayedEviction.ENABLED
-        elif de in (DelayedEviction.DISABLED, DelayedEviction.MANUAL):
+        elif de in _NO_PRESSURE:
             use_pressure = False
         return dataclasses.replace(self, delayed_eviction=de, use_host_memcg_pressure=use_pressure)
+
+
+_NO_PRESSURE = (DelayedEviction.DISABLED, DelayedEviction.MANUAL, DelayedEviction.IDLE)
+"""The eviction modes that listen to no memory pressure."""
 
 
 def _num(n: int) -> str:

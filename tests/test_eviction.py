@@ -9,6 +9,7 @@ the calls (optionally blocking on a gate, or failing on chosen ranges).
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import threading
@@ -37,6 +38,7 @@ from aiopgalloc import (
     open_memory_file,
 )
 from aiopgalloc.eviction import Evictions
+from aiopgalloc.host.pressure import ManualPressure, PressureLevel
 
 pytestmark = pytest.mark.anyio
 
@@ -44,6 +46,7 @@ P = PAGE_SIZE
 DISABLED = DelayedEviction.DISABLED
 ENABLED = DelayedEviction.ENABLED
 MANUAL = DelayedEviction.MANUAL
+IDLE = DelayedEviction.IDLE
 
 
 def er(a: int, b: int) -> EvictableRange:
@@ -247,11 +250,12 @@ async def test_manual_never_evicts_without_start_evictions() -> None:
         assert mf.total_usage() == 0
 
 
-@pytest.mark.parametrize("mode", [DelayedEviction.DEFAULT, ENABLED])
-async def test_enabled_without_pressure_evicts_once_releaser_idle(mode: DelayedEviction) -> None:
-    async with memfile(mode) as mf:
-        assert ev_of(mf).mode is ENABLED
+async def test_idle_mode_evicts_once_releaser_idle() -> None:
+    """The reference's ENABLED without host pressure, kept as IDLE."""
+    async with memfile(IDLE) as mf:
+        assert ev_of(mf).mode is IDLE
         assert not mf.should_cache_evictable()
+        assert mf.stats().pressure_source == ""
         cache = PageCache(mf)
         for i in range(5):
             cache.put(i)
@@ -263,6 +267,79 @@ async def test_enabled_without_pressure_evicts_once_releaser_idle(mode: DelayedE
         assert ev_of(mf).on_pressure(2) is False
         await mf.wait_for_reclaim()
         assert mf.total_usage() == 0
+
+
+@pytest.mark.parametrize("mode", [DelayedEviction.DEFAULT, ENABLED])
+@pytest.mark.parametrize("pressure", [None, False])
+async def test_enabled_keeps_evictable_memory_without_pressure(
+    mode: DelayedEviction, pressure: bool | None
+) -> None:
+    """The default keeps a cache: with no pressure, nothing is evicted
+    however idle the releaser is, until something asks."""
+    async with open_memory_file(
+        opts=MemoryFileOpts(delayed_eviction=mode, use_host_memcg_pressure=pressure)
+    ) as mf:
+        assert ev_of(mf).mode is ENABLED
+        assert mf.should_cache_evictable()
+        cache = PageCache(mf)
+        for i in range(5):
+            cache.put(i)
+        for _ in range(5):
+            # Work for the releaser, then idle time: what used to evict.
+            mf.dec_ref(mf.allocate(P))
+            await mf.wait_for_reclaim()
+            await anyio.sleep(0.05)
+        assert cache.evicted == [] and len(cache.entries) == 5
+        assert ev_of(mf).started == 0
+        mf.start_evictions()
+        assert await mf.wait_for_evictions(timeout=5)
+        assert pages(cache.evicted) == list(range(5))
+
+
+async def test_default_listens_to_host_pressure_where_the_host_offers_it() -> None:
+    """``MemoryFileOpts()`` takes the host's pressure when a source works
+    here (this machine has one) and says which; ``False`` says why not."""
+    from aiopgalloc.host import pressure
+
+    try:
+        expected, _ = pressure.choose_pressure_source()
+    except pressure.NoPressureSourceError as exc:
+        async with open_memory_file() as mf:
+            assert mf.stats().pressure_source == ""
+            assert "no memory-pressure source works" in mf.stats().pressure_note or (
+                isinstance(exc, pressure.PressureHandlingOff)
+            )
+        return
+    async with open_memory_file() as mf:
+        assert mf.stats().pressure_source == getattr(expected, "name", "")
+        assert mf.stats().pressure_note == ""
+    async with open_memory_file(opts=MemoryFileOpts(use_host_memcg_pressure=False)) as mf:
+        assert mf.stats().pressure_source == ""
+        assert mf.stats().pressure_note == "use_host_memcg_pressure is False"
+
+
+async def test_default_falls_back_quietly_where_no_source_works(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Where no source can be set up (every probe fails, through the host
+    seam), the default opens without one and says why in stats(), with no
+    warning; ``True`` refuses to open."""
+    from aiopgalloc.host.faults import faults
+    from aiopgalloc.host.pressure import NoPressureSourceError
+
+    caplog.set_level(logging.DEBUG, logger="aiopgalloc")
+    with faults.injected("pressure", errno.EACCES):
+        async with open_memory_file() as mf:
+            st = mf.stats()
+            assert st.pressure_source == ""
+            assert st.pressure_note.startswith("no memory-pressure source works")
+            assert "Permission denied" in st.pressure_note
+            assert mf.should_cache_evictable()
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        with pytest.raises(NoPressureSourceError):
+            async with open_memory_file(opts=MemoryFileOpts(use_host_memcg_pressure=True)):
+                pass
+    assert faults.calls("pressure") >= 2
 
 
 async def test_enabled_with_pressure_waits_for_pressure() -> None:
@@ -286,11 +363,13 @@ async def test_enabled_with_pressure_waits_for_pressure() -> None:
 @pytest.mark.parametrize(
     ("mode", "pressure", "expected"),
     [
-        (DelayedEviction.DEFAULT, False, False),
+        (DelayedEviction.DEFAULT, False, True),
         (DelayedEviction.DEFAULT, True, True),
         (DISABLED, False, False),
         (DISABLED, True, False),  # pressure is ignored outside ENABLED
-        (ENABLED, False, False),
+        (IDLE, False, False),
+        (IDLE, True, False),
+        (ENABLED, False, True),
         (ENABLED, True, True),
         (MANUAL, False, True),
         (MANUAL, True, True),
@@ -305,7 +384,7 @@ async def test_should_cache_evictable(
         rec = Recorder()
         mf.mark_evictable(rec, er(0, 1))
         if mode is not DISABLED:
-            assert ev_of(mf).on_pressure(1) is (mode is not MANUAL and pressure)
+            assert ev_of(mf).on_pressure(1) is (mode not in (MANUAL, IDLE) and pressure)
 
 
 # ------------------------------------------------------------------- order
@@ -1167,3 +1246,39 @@ async def test_check_detects_broken_books() -> None:
             ev.check()
         del ev._users[id(rec)]
         ev.check()
+
+
+@pytest.mark.parametrize(
+    ("mode", "use_pressure"),
+    [
+        (DelayedEviction.DEFAULT, False),
+        (ENABLED, False),
+        (DISABLED, None),
+        (MANUAL, None),
+        (IDLE, None),
+        (IDLE, True),
+    ],
+)
+def test_a_pressure_source_the_file_would_not_listen_to_is_refused(
+    mode: DelayedEviction, use_pressure: bool | None
+) -> None:
+    with pytest.raises(ValueError, match="pressure_source is given but"):
+        MemoryFileOpts(
+            delayed_eviction=mode,
+            use_host_memcg_pressure=use_pressure,
+            pressure_source=ManualPressure(),
+        )
+
+
+async def test_manual_pressure_alone_drives_the_default_file() -> None:
+    """``pressure_source=ManualPressure()`` with nothing else: the file
+    listens to it (no need to turn host pressure on as well)."""
+    src = ManualPressure()
+    async with open_memory_file(opts=MemoryFileOpts(pressure_source=src)) as mf:
+        assert mf.stats().pressure_source == src.name
+        cache = PageCache(mf)
+        for i in range(3):
+            cache.put(i)
+        src.notify(PressureLevel.CRITICAL)
+        await wait_until(lambda: not cache.entries)
+        assert pages(cache.evicted) == [0, 1, 2]

@@ -32,9 +32,11 @@ from dataclasses import dataclass
 __all__ = ["OPS", "FaultInjector", "Gate", "faults"]
 
 OPS: frozenset[str] = frozenset(
-    {"fallocate", "mmap", "ftruncate", "mincore", "madvise", "fstat", "memset", "lseek"}
+    {"fallocate", "mmap", "ftruncate", "mincore", "madvise", "fstat", "memset", "lseek", "pressure"}
 )
-"""The operation names a fault can be injected into."""
+"""The operation names a fault can be injected into.  ``pressure`` is the
+set-up of a memory-pressure source while one is chosen (each candidate's
+probe), which happens only when a file opens."""
 
 
 @dataclass

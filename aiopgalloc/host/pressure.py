@@ -78,6 +78,7 @@ from pathlib import Path
 
 from . import cgroup as _cgroup
 from .cgroup import CgroupInfo, parse_flat_keyed
+from .faults import faults
 from .pressure_sources import (
     CgroupV1Pressure,
     ManualPressure,
@@ -225,6 +226,7 @@ def choose_pressure_source(
             report.append(f"{label}: not chosen: {make}")
         else:
             try:
+                faults.check("pressure")
                 source = make()
                 source.probe()
             except (OSError, ValueError) as exc:
