@@ -75,6 +75,9 @@ _MAX_FILE_SIZE = 1 << 47
 """The whole file must be mappable (user space is 2**47 bytes on x86-64)."""
 _GROW_TRIES = 4
 
+STR_SEGMENTS = 16
+"""How many segments (and freed ranges) ``str(mf)`` shows at most."""
+
 
 class MemoryFile:
     """A memfd whose pages are handed out as reference-counted ranges.
@@ -722,11 +725,21 @@ class MemoryFile:
     # ----------------------------------------------------------- diagnostics
 
     def __str__(self) -> str:
-        """The usage set, one segment per line, then the freed ranges.  A
-        pure function of the allocator's state."""
+        """A bounded summary: the file's figures, then the first
+        ``STR_SEGMENTS`` segments of the usage set and of the freed ranges
+        (with how many more there are).  O(STR_SEGMENTS) under the lock, so
+        printing a file with a million segments is as cheap as printing a
+        small one; ``page_map()`` gives the whole map."""
         with self._mu:
-            lines = self._books.describe()
-        return "\n".join(lines) if lines else "(empty)"
+            books = self._books
+            figures = books.figures()
+            lines = books.describe(STR_SEGMENTS)
+        head = (
+            f"MemoryFile size={figures.file_size:#x} live={figures.live_bytes:#x} "
+            f"freed={figures.freed_bytes:#x} releasing={figures.releasing_bytes:#x} "
+            f"segments={figures.segments}"
+        )
+        return "\n".join([head, *lines]) if lines else f"{head}\n(empty)"
 
     def page_map(self) -> list[PageRun]:
         """The whole page map, in address order: every run of live, freed

@@ -54,7 +54,7 @@ def emit(doc: dict[str, Any]) -> None:
 def snapshot(mf: MemoryFile) -> tuple[int, str]:
     """The allocator's observable state, after checking its invariants."""
     mf.check_invariants()
-    return mf.total_usage(), str(mf)
+    return mf.total_usage(), repr(mf.page_map())
 
 
 def attempt(mf: MemoryFile, length: int, mode: CommitMode) -> dict[str, Any]:

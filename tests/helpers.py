@@ -58,7 +58,7 @@ def fd_is_open(fd: int) -> bool:
 class State:
     """What a failed call must leave exactly as it was."""
 
-    text: str
+    page_map: list[Any]
     stats: MemoryStats
     size: int | None
     pending: int | None
@@ -72,7 +72,7 @@ class State:
             size = mf.total_size()
             file_size = os.fstat(mf.fd).st_size
             pending = mf.reclaim_pending()
-        return cls(str(mf), mf.accounting.snapshot(), size, pending, file_size)
+        return cls(mf.page_map(), mf.accounting.snapshot(), size, pending, file_size)
 
 
 def stamp_bytes(counter: int, length: int) -> bytes:

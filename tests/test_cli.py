@@ -44,6 +44,7 @@ from aiopgalloc._cli import bench, demo_map
 from aiopgalloc._cli.demo_summary import RunFacts, summarize
 from aiopgalloc._cli.demo_view import Frame, Header, RichView
 from aiopgalloc.host.cgroup import current_memory_cgroup
+from aiopgalloc.stats import PageRun
 
 REPO = Path(__file__).resolve().parent.parent
 MEMCG = current_memory_cgroup()
@@ -385,19 +386,19 @@ def test_bench_refuses_a_missing_directory_from_the_command_line(tmp_path: Path)
 
 
 @pytest.mark.anyio
-async def test_file_map_reads_the_real_str_of_a_memory_file() -> None:
-    """The map parser agrees with ``str(mf)`` as the allocator prints it:
+async def test_file_map_reads_the_real_page_map_of_a_memory_file() -> None:
+    """The map agrees with ``mf.page_map()`` as the allocator reports it:
     live pages per kind, freed pages, and pages released since."""
     async with open_memory_file() as mf:
         a = mf.allocate(4 * P, MemoryKind.PAGE_CACHE)
         b = mf.allocate(2 * P, MemoryKind.ANONYMOUS)
         c = mf.allocate(2 * P, MemoryKind.PAGE_CACHE)
-        segs = demo_map.parse_segments(str(mf))
+        segs = demo_map.segment_states(mf.page_map())
         live = {(s, e): st for s, e, st in segs}
         assert live[(a.start, a.end)] == demo_map.LIVE_BASE + MemoryKind.PAGE_CACHE
         assert live[(b.start, b.end)] == demo_map.LIVE_BASE + MemoryKind.ANONYMOUS
         fm = demo_map.FileMap()
-        cells = fm.update(str(mf), 16 * P, 16)
+        cells = fm.update(mf.page_map(), 16 * P, 16)
         assert cells.cell_size == P
         assert cells.states[:8] == bytes(
             [demo_map.LIVE_BASE + MemoryKind.PAGE_CACHE] * 4
@@ -406,21 +407,27 @@ async def test_file_map_reads_the_real_str_of_a_memory_file() -> None:
         )
         assert cells.states[8:] == bytes([demo_map.NEVER_USED]) * 8
         mf.dec_ref(b)
-        text = str(mf)
-        if "freed" in text or "releasing" in text:  # the releaser may be quicker
-            assert fm.update(text, 16 * P, 16).states[4:6] == bytes([demo_map.FREED]) * 2
+        runs = mf.page_map()
+        if any(r.state != "live" for r in runs):  # the releaser may be quicker
+            assert fm.update(runs, 16 * P, 16).states[4:6] == bytes([demo_map.FREED]) * 2
         await mf.wait_for_reclaim()
-        assert fm.update(str(mf), 16 * P, 16).states[4:6] == bytes([demo_map.RELEASED]) * 2
+        assert fm.update(mf.page_map(), 16 * P, 16).states[4:6] == bytes([demo_map.RELEASED]) * 2
         mf.dec_ref(a)
         mf.dec_ref(c)
 
 
-def test_parse_segments_skips_what_it_does_not_know() -> None:
-    text = "[0x0, 0x2000) PAGE_CACHE committed refs=1\nnonsense\n[0x2000, 0x3000) WEIRD x\n"
-    assert demo_map.parse_segments(text) == [
-        (0, 0x2000, demo_map.LIVE_BASE + MemoryKind.PAGE_CACHE)
+def test_segment_states_of_each_run_state() -> None:
+    runs = [
+        PageRun(0, 0x2000, "live", MemoryKind.PAGE_CACHE, 1, True),
+        PageRun(0x2000, 0x3000, "freed", MemoryKind.SYSTEM, 0, False),
+        PageRun(0x3000, 0x4000, "releasing", MemoryKind.SYSTEM, 0, False),
     ]
-    assert demo_map.parse_segments("(empty)") == []
+    assert demo_map.segment_states(runs) == [
+        (0, 0x2000, demo_map.LIVE_BASE + MemoryKind.PAGE_CACHE),
+        (0x2000, 0x3000, demo_map.FREED),
+        (0x3000, 0x4000, demo_map.FREED),
+    ]
+    assert demo_map.segment_states([]) == []
 
 
 def _facts(**over: Any) -> RunFacts:

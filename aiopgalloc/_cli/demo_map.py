@@ -1,12 +1,10 @@
 """A map of a memory file for the demo: what each part of the file holds.
 
-The allocator's ``str(mf)`` lists its usage set, one segment per line
-(``[0x0, 0x4000) PAGE_CACHE committed refs=1``), then the freed ranges that
-wait for the releaser (``[0x4000, 0x6000) freed committed``); segments being
-released right now read ``releasing ...``.  It is a pure function of the
-allocator's state, so the demo reads the map from it, page by page, and
-remembers which pages were ever used: a page that was used and is now in
-neither list has been returned to the kernel ("released").
+The allocator's ``mf.page_map()`` lists every run of live, freed and
+releasing pages (``PageRun``s, in address order); clean pages are the gaps.
+The demo reads the map from it, page by page, and remembers which pages were
+ever used: a page that was used and is now in no run has been returned to
+the kernel ("released").
 
 Each page gets one state; the file is then cut into ``cells`` equal cells and
 each cell shows the state that holds most of its pages.
@@ -14,10 +12,11 @@ each cell shows the state that holds most of its pages.
 
 from __future__ import annotations
 
-import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .. import PAGE_SIZE, MemoryKind
+from ..stats import PageRun
 
 __all__ = [
     "FREED",
@@ -26,7 +25,7 @@ __all__ = [
     "RELEASED",
     "CellMap",
     "FileMap",
-    "parse_segments",
+    "segment_states",
 ]
 
 NEVER_USED = 0
@@ -38,30 +37,14 @@ FREED = 2
 LIVE_BASE = 3
 """Live pages have state ``LIVE_BASE + kind`` (one state per MemoryKind)."""
 
-_LINE = re.compile(r"^\[(0x[0-9a-fA-F]+), (0x[0-9a-fA-F]+)\) (\S+)")
-
-
-def parse_segments(text: str) -> list[tuple[int, int, int]]:
-    """Turn ``str(mf)`` into ``(start, end, state)`` triples.
-
-    Lines that do not parse (or name no known kind) are skipped, so a change
-    of the format makes the map poorer, never the demo fail.  Pure.
-    """
+def segment_states(runs: Iterable[PageRun]) -> list[tuple[int, int, int]]:
+    """Turn ``mf.page_map()`` into ``(start, end, state)`` triples: live
+    runs by kind, freed and releasing runs as ``FREED``.  Pure."""
     out: list[tuple[int, int, int]] = []
-    for line in text.splitlines():
-        m = _LINE.match(line)
-        if m is None:
-            continue
-        start, end, word = int(m.group(1), 16), int(m.group(2), 16), m.group(3)
-        if word in ("freed", "releasing"):
-            state = FREED
-        else:
-            try:
-                state = LIVE_BASE + int(MemoryKind[word])
-            except KeyError:
-                continue
-        if 0 <= start < end:
-            out.append((start, end, state))
+    for run in runs:
+        state = LIVE_BASE + int(MemoryKind(run.kind)) if run.state == "live" else FREED
+        if 0 <= run.start < run.end:
+            out.append((run.start, run.end, state))
     return out
 
 
@@ -76,21 +59,21 @@ class CellMap:
 
 
 class FileMap:
-    """Page states of one memory file, updated from ``str(mf)``."""
+    """Page states of one memory file, updated from ``mf.page_map()``."""
 
     def __init__(self) -> None:
         self._touched = bytearray()  # 1 for every page ever live or freed
 
-    def update(self, text: str, file_size: int, cells: int) -> CellMap:
-        """Read the current map from ``text`` (``str(mf)``) for a file of
-        ``file_size`` bytes and cut it into ``cells`` cells.  Cost: O(pages)
-        at C speed plus O(segments) in Python."""
+    def update(self, runs: Iterable[PageRun], file_size: int, cells: int) -> CellMap:
+        """Read the current map from ``runs`` (``mf.page_map()``) for a file
+        of ``file_size`` bytes and cut it into ``cells`` cells.  Cost:
+        O(pages) at C speed plus O(segments) in Python."""
         pages = max(1, file_size // PAGE_SIZE)
         if len(self._touched) < pages:
             self._touched.extend(bytes(pages - len(self._touched)))
         states = bytearray(self._touched[:pages])  # RELEASED where touched, else NEVER_USED
         touched = self._touched
-        for start, end, state in parse_segments(text):
+        for start, end, state in segment_states(runs):
             a, b = start // PAGE_SIZE, min(pages, -(-end // PAGE_SIZE))
             if a >= b:
                 continue

@@ -285,7 +285,7 @@ class _Run:
             phase_name=_PHASES[self.phase - 1][0],
             phase_text=self.phase_text,
             stats=stats,
-            cells=self.filemap.update(str(mf), stats.file_size, self.view.cells),
+            cells=self.filemap.update(mf.page_map(), stats.file_size, self.view.cells),
             cache_entries=self.cache.entries,
             cache_bytes=self.cache.nbytes,
             cache_budget=self.cache.budget,
