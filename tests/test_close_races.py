@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -173,15 +174,31 @@ async def test_allocate_in_a_thread_at_close_raises_closed_error() -> None:
             except BaseException as exc:
                 outcome.append(exc)
 
-        with faults.gated("memset") as gate:
-            t = threading.Thread(target=allocate)
-            t.start()
+        gate = faults.gate("memset")
+        t = threading.Thread(target=allocate)
+        t.start()
+        try:
             await _wait_reached(gate)
-            assert mf.stats().recycled_bytes == 4 * P
-            # The block ends below while the thread waits at its memset.
-        held = gate
-    # The gate was opened on leaving ``with``; the thread finishes.
+        except BaseException:
+            gate.open()
+            raise
+        assert mf.stats().recycled_bytes == 4 * P
+
+        def open_once_closed() -> None:
+            # The gate opens only once the block's end has marked the file
+            # closed: however long the closing takes (the pressure watcher
+            # is cancelled first), the thread is still inside allocate.
+            deadline = time.monotonic() + 10
+            while not mf.closed and time.monotonic() < deadline:
+                time.sleep(0.001)
+            gate.open()
+
+        opener = threading.Thread(target=open_once_closed)
+        opener.start()
+        # The block ends here while the thread waits at its memset.
+    held = gate
     await anyio.to_thread.run_sync(t.join, 10.0)
+    await anyio.to_thread.run_sync(opener.join, 10.0)
     assert held.reached
     assert len(outcome) == 1 and isinstance(outcome[0], ClosedError), outcome
     mf.check_invariants()
