@@ -65,7 +65,7 @@ class ReportLines(logging.Handler):
     and any warning) to send back with the result."""
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)  # the chooser's report is DEBUG
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -163,7 +163,7 @@ def main() -> int:
     log_lines = ReportLines()
     logger = logging.getLogger("aiopgalloc")
     logger.addHandler(log_lines)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)
     try:
         move_pid(args.cgroup, os.getpid())
         result = anyio.run(

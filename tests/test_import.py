@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import subprocess
 import sys
 from importlib import import_module
@@ -149,3 +150,24 @@ def test_unknown_names_raise_attribute_error() -> None:
         aiopgalloc.nope  # noqa: B018
     assert "open_memory_file" in dir(aiopgalloc)
     assert "__version__" in dir(aiopgalloc)
+
+
+# ------------------------------------------------------ what opening says
+
+
+@pytest.mark.anyio
+async def test_opening_a_file_logs_nothing_at_info(caplog: pytest.LogCaptureFixture) -> None:
+    """The chooser's report (one line per pressure source tried) is DEBUG:
+    a service opening files does not get several INFO lines per open."""
+    caplog.set_level(logging.DEBUG, logger="aiopgalloc")
+    opts = aiopgalloc.MemoryFileOpts(use_host_memcg_pressure=True)
+    try:
+        async with aiopgalloc.open_memory_file(opts=opts) as mf:
+            source = mf.stats().pressure_source
+    except aiopgalloc.NoPressureSourceError:
+        pytest.skip("no host pressure source here")
+    ours = [r for r in caplog.records if r.name.startswith("aiopgalloc")]
+    assert not [r for r in ours if r.levelno >= logging.INFO], [r.getMessage() for r in ours]
+    if source:
+        report = [r.getMessage() for r in ours if r.getMessage().startswith("pressure source:")]
+        assert any(": chosen (" in line for line in report), report

@@ -353,7 +353,7 @@ async def test_without_a_source_the_hosts_best_is_used(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("MEMORY_PRESSURE_WATCH", raising=False)
-    caplog.set_level(logging.INFO, logger="aiopgalloc")
+    caplog.set_level(logging.DEBUG, logger="aiopgalloc")  # the chooser's report
     before = open_fds()
     async with open_memory_file(opts=opts_with(None)) as mf:
         during = open_fds()
