@@ -118,7 +118,8 @@ async def serve(hold_mib: int, timeout: float, log_lines: ReportLines) -> dict[s
             while any(c.entries for c in caches):
                 await anyio.sleep(0.002)
         all_evicted_at = time.monotonic() if not any(c.entries for c in caches) else None
-        await mf.wait_for_evictions(5)
+        with anyio.move_on_after(5):
+            await mf.wait_for_evictions()
         await mf.wait_for_reclaim()
         await mf.update_usage()
         fs = mf.stats()
