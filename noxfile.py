@@ -1,8 +1,9 @@
 """nox sessions: tests per backend, lint, typecheck, bench.
 
-    nox                      # tests (all three backends), lint, typecheck
-    nox -s tests             # the three backends only
-    nox -s "tests(backend='trio')" -- -x     # one backend; extra args go to pytest
+    nox                      # tests (each Python x each backend), lint, typecheck
+    nox -s tests             # the test sessions only
+    nox -s tests -p 3.12     # one Python, three backends
+    nox -s "tests-3.11(backend='trio')" -- -x   # one session; extra args go to pytest
     nox -s bench             # python -m aiopgalloc bench --quick (the suite, ~1.5 min)
 
 Backends: every async test runs once per backend through the ``anyio_backend``
@@ -14,7 +15,10 @@ the event loop, and the hypothesis suites are the slowest part of the run.
 ``-k`` matches substrings of test and module names, so a test whose own name
 mentions ``trio`` or ``uvloop`` runs in that session instead of asyncio's.
 
-Sessions use the interpreter running nox (the project needs 3.11+).
+The tests run on each supported Python (3.11, 3.12, 3.13: the classifiers in
+pyproject.toml) that is installed; nox skips a session whose interpreter it
+cannot find (``--error-on-missing-interpreters`` makes that an error, as CI
+should).  lint, typecheck and bench use the interpreter running nox.
 """
 
 from __future__ import annotations
@@ -33,11 +37,14 @@ BACKENDS = {
 
 PYTEST_ARGS = ["-q", "-p", "no:cacheprovider"]
 
+# The supported Pythons, as pyproject.toml's classifiers list them.
+PYTHONS = ["3.11", "3.12", "3.13"]
 
-@nox.session
+
+@nox.session(python=PYTHONS)
 @nox.parametrize("backend", list(BACKENDS))
 def tests(session: nox.Session, backend: str) -> None:
-    """The test suite on one anyio backend."""
+    """The test suite on one Python and one anyio backend."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "pytest", *PYTEST_ARGS, "-k", BACKENDS[backend], *session.posargs)
 

@@ -3,17 +3,50 @@
 One memfd, page-aligned reference-counted ranges of it, freed memory given
 back to the kernel, async eviction callbacks under memory pressure, and
 honest per-kind accounting; on asyncio, asyncio + uvloop and trio alike.
+
+Linux only: importing this package elsewhere raises ``ImportError`` saying
+so.  ``__version__`` is the package's version (the one source of it:
+pyproject.toml reads it from here).
 """
 
-from .checkpoint_format import CheckpointError
-from .errors import ClosedError, RefCountError
-from .eviction_api import EvictableMemoryUser, EvictionStats
-from .lifecycle import load_memory_file, open_memory_file
-from .memory_file import MemoryFile
-from .options import AccessType, CommitMode, DelayedEviction, MemoryFileOpts
-from .ranges import HUGE_PAGE_SIZE, PAGE_SIZE, EvictableRange, FileRange
-from .stats import FileStats
-from .usage import MemoryAccounting, MemoryKind, MemoryStats
+# How the names below are loaded (the choice, stated once): lazily, by the
+# PEP 562 module ``__getattr__`` at the end of this file.  ``import
+# aiopgalloc`` itself loads only the Linux check of ``aiopgalloc.host``; the
+# first use of a name imports the module it lives in (and what that module
+# imports): ``aiopgalloc.ClosedError`` costs one small module,
+# ``aiopgalloc.open_memory_file`` the allocator.  The imports under
+# ``TYPE_CHECKING`` are what this package depends on and re-exports; type
+# checkers read them, and ``_LAZY`` must name the same modules (a test
+# compares the two).
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+# Refuses anything but Linux with memfd_create, with an ImportError.
+from . import host  # noqa: F401
+
+if TYPE_CHECKING:
+    from .checkpoint_format import CheckpointError
+    from .errors import ClosedError, RefCountError
+    from .eviction_api import EvictableMemoryUser, EvictionStats
+    from .host.pressure_sources import ManualPressure, NoPressureSourceError, PressureLevel
+    from .lifecycle import load_memory_file, open_memory_file
+    from .memory_file import MemoryFile
+    from .options import AccessType, CommitMode, DelayedEviction, MemoryFileOpts
+    from .ranges import (
+        HUGE_PAGE_SIZE,
+        PAGE_SIZE,
+        EvictableRange,
+        FileRange,
+        page_round_down,
+        page_round_up,
+    )
+    from .stats import FileStats
+    from .usage import MemoryAccounting, MemoryKind, MemoryStats
+
+__version__ = "0.1.0"
 
 __all__ = [
     "HUGE_PAGE_SIZE",
@@ -28,12 +61,64 @@ __all__ = [
     "EvictionStats",
     "FileRange",
     "FileStats",
+    "ManualPressure",
     "MemoryAccounting",
     "MemoryFile",
     "MemoryFileOpts",
     "MemoryKind",
     "MemoryStats",
+    "NoPressureSourceError",
+    "PressureLevel",
     "RefCountError",
     "load_memory_file",
     "open_memory_file",
+    "page_round_down",
+    "page_round_up",
 ]
+
+# Each public name -> the module (relative to this package) that defines it.
+_LAZY: dict[str, str] = {
+    "CheckpointError": ".checkpoint_format",
+    "ClosedError": ".errors",
+    "RefCountError": ".errors",
+    "EvictableMemoryUser": ".eviction_api",
+    "EvictionStats": ".eviction_api",
+    "ManualPressure": ".host.pressure_sources",
+    "NoPressureSourceError": ".host.pressure_sources",
+    "PressureLevel": ".host.pressure_sources",
+    "load_memory_file": ".lifecycle",
+    "open_memory_file": ".lifecycle",
+    "MemoryFile": ".memory_file",
+    "AccessType": ".options",
+    "CommitMode": ".options",
+    "DelayedEviction": ".options",
+    "MemoryFileOpts": ".options",
+    "HUGE_PAGE_SIZE": ".ranges",
+    "PAGE_SIZE": ".ranges",
+    "EvictableRange": ".ranges",
+    "FileRange": ".ranges",
+    "page_round_down": ".ranges",
+    "page_round_up": ".ranges",
+    "FileStats": ".stats",
+    "MemoryAccounting": ".usage",
+    "MemoryKind": ".usage",
+    "MemoryStats": ".usage",
+}
+
+
+def __getattr__(name: str) -> object:
+    """The public name ``name``, imported from its module on first use and
+    then kept here (later lookups are plain attribute reads).  The first use
+    costs that module's import (the allocator's, about 50-100 ms, for
+    ``open_memory_file``).  Raises ``AttributeError`` for any other name."""
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value: object = getattr(import_module(where, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's names, the not yet loaded public ones included."""
+    return sorted(set(globals()) | set(__all__))

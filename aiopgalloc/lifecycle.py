@@ -191,6 +191,8 @@ def _pressure_source(
         note = f"no memory-pressure source works on this host: {exc}"
         log.debug("opening without host memory pressure: %s", note)
         return None, "", note
+    # One line per candidate, on every open: DEBUG (``info`` shows the same
+    # report, and ``stats().pressure_source`` the choice).
     for line in report:
         log.debug("pressure source: %s", line)
     return source, _source_name(source), ""

@@ -44,8 +44,10 @@ import errno
 import functools
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from types import EllipsisType
+from typing import TYPE_CHECKING, overload
 
 import anyio
 import anyio.lowlevel
@@ -715,11 +717,43 @@ class MemoryFile:
         not wait).  Thread-safe.  Raises ``ClosedError``."""
         self._ev().start_evictions()
 
-    async def wait_for_evictions(self, timeout: float | None = None) -> bool:
+    @overload
+    async def wait_for_evictions(self) -> None: ...
+
+    @overload
+    async def wait_for_evictions(self, timeout: float | None) -> bool: ...  # noqa: ASYNC109
+
+    async def wait_for_evictions(
+        self,
+        timeout: float | EllipsisType | None = ...,  # noqa: ASYNC109  (deprecated)
+    ) -> bool | None:
         """Wait until every eviction started so far has finished (queued ones
-        included).  Returns False if ``timeout`` seconds passed first, else
-        True.  Raises ``TypeError``/``ValueError`` for a bad timeout,
-        ``RuntimeError`` when called from an ``evict``, ``ClosedError``."""
+        included, and those started meanwhile).  Returns None.
+
+        Bound the wait with a cancel scope, as anyio and trio take timeouts:
+        ``with anyio.fail_after(5): await mf.wait_for_evictions()`` raises
+        ``TimeoutError`` after 5 s; under ``anyio.move_on_after(5)`` the scope's
+        ``cancelled_caught`` says whether it ran out.  Cancelling the wait
+        cancels nothing else: the evictions go on.  Always yields to the event
+        loop once; call it on the file's event loop.
+
+        Deprecated: ``wait_for_evictions(timeout)`` (a ``timeout=`` argument,
+        ruff's ASYNC109) still works, warns ``DeprecationWarning`` and returns
+        False if ``timeout`` seconds passed first, else True (``TypeError``/
+        ``ValueError`` for a timeout that is not a number or is NaN).
+
+        Raises ``RuntimeError`` when called from an ``evict`` (it would wait
+        for itself forever), ``ClosedError``.
+        """
+        if timeout is ...:
+            await self._ev().wait_for_evictions(None)
+            return None
+        warnings.warn(
+            "wait_for_evictions(timeout) is deprecated: bound the wait with a cancel "
+            "scope instead, e.g. `with anyio.fail_after(5): await mf.wait_for_evictions()`",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return await self._ev().wait_for_evictions(timeout)
 
     # ----------------------------------------------------------- diagnostics

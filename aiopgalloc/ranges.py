@@ -44,12 +44,17 @@ def round_up(x: int, alignment: int) -> int:
 
 
 def page_round_down(x: int) -> int:
-    """Round ``x`` down to a multiple of ``PAGE_SIZE``."""
+    """Round ``x`` down to a multiple of ``PAGE_SIZE`` (``page_round_down(5000)
+    == 4096`` with 4 KiB pages).  One bitwise operation; raises ``TypeError``
+    for a non-integer."""
     return x & ~PAGE_MASK
 
 
 def page_round_up(x: int) -> int:
-    """Round ``x`` up to a multiple of ``PAGE_SIZE``."""
+    """Round ``x`` up to a multiple of ``PAGE_SIZE``: the length to
+    ``allocate`` for ``x`` bytes (``page_round_up(5000) == 8192`` with 4 KiB
+    pages; ``page_round_up(0) == 0``).  Two integer operations; raises
+    ``TypeError`` for a non-integer."""
     return (x + PAGE_MASK) & ~PAGE_MASK
 
 

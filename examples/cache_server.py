@@ -40,16 +40,17 @@ import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from aiopgalloc import (
-    PAGE_SIZE,
     DelayedEviction,
     EvictableRange,
     FileRange,
+    ManualPressure,
     MemoryFile,
     MemoryFileOpts,
     MemoryKind,
+    PressureLevel,
     open_memory_file,
+    page_round_up,
 )
-from aiopgalloc.host.pressure import ManualPressure, PressureLevel
 
 SHARDS = 8
 MAX_VALUE = 1 << 20
@@ -76,7 +77,7 @@ class Shard:
 
     def set(self, key: bytes, value: bytes) -> None:
         self.delete(key)
-        fr = self.mf.allocate(-(-len(value) // PAGE_SIZE) * PAGE_SIZE, MemoryKind.PAGE_CACHE)
+        fr = self.mf.allocate(page_round_up(len(value)), MemoryKind.PAGE_CACHE)
         pos = 0
         for view in self.mf.map_internal(fr):
             n = min(len(view), len(value) - pos)
@@ -148,7 +149,9 @@ class CacheServer:
                 if (st.pressure_low, st.pressure_medium, st.pressure_critical) != counts:
                     break
                 await anyio.sleep(0.001)
-        await self.mf.wait_for_evictions(5)
+            # Then until the evictions it started are done: a cancel scope
+            # bounds the wait, as anyio and trio take timeouts.
+            await self.mf.wait_for_evictions()
         return sum(s.evicted_bytes for s in self.shards) - before
 
     async def handle(self, client: anyio.abc.ByteStream) -> None:

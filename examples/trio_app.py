@@ -25,16 +25,17 @@ import random
 import trio
 
 from aiopgalloc import (
-    PAGE_SIZE,
     DelayedEviction,
     EvictableRange,
     FileRange,
+    ManualPressure,
     MemoryFile,
     MemoryFileOpts,
     MemoryKind,
+    PressureLevel,
     open_memory_file,
+    page_round_up,
 )
-from aiopgalloc.host.pressure import ManualPressure, PressureLevel
 
 KiB = 1024
 MiB = 1 << 20
@@ -50,7 +51,7 @@ class ThumbnailCache:
         self.evict_calls = 0
 
     def put(self, name: str, data: bytes) -> None:
-        fr = self.mf.allocate(-(-len(data) // PAGE_SIZE) * PAGE_SIZE, MemoryKind.PAGE_CACHE)
+        fr = self.mf.allocate(page_round_up(len(data)), MemoryKind.PAGE_CACHE)
         pos = 0
         for view in self.mf.map_internal(fr):  # one view per 64 MiB chunk the range crosses
             n = min(len(view), len(data) - pos)
@@ -83,17 +84,18 @@ async def producer(cache: ThumbnailCache, n: int, seed: int) -> None:
     rng = random.Random(seed)
     for i in range(n):
         cache.put(f"thumb-{seed}-{i}", rng.randbytes(rng.randint(16, 64) * KiB))
-        await trio.sleep(0)  # let the other producers run
+        await trio.lowlevel.checkpoint()  # let the other producers run
 
 
 async def pressure(mf: MemoryFile, source: ManualPressure, level: PressureLevel) -> None:
     """Notify ``level`` and wait until the allocator has acted on it."""
     before = mf.stats().evictions.pressure_events
     source.notify(level)
-    with trio.fail_after(5):
-        while mf.stats().evictions.pressure_events == before:
+    with trio.fail_after(5):  # a cancel scope bounds both waits
+        # No event says "the watcher took it": the figure is polled.
+        while mf.stats().evictions.pressure_events == before:  # noqa: ASYNC110
             await trio.sleep(0.001)
-    await mf.wait_for_evictions(5)
+        await mf.wait_for_evictions()
 
 
 async def main() -> None:

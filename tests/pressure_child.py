@@ -65,7 +65,7 @@ class ReportLines(logging.Handler):
     and any warning) to send back with the result."""
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)  # the chooser's report is DEBUG
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -118,7 +118,8 @@ async def serve(hold_mib: int, timeout: float, log_lines: ReportLines) -> dict[s
             while any(c.entries for c in caches):
                 await anyio.sleep(0.002)
         all_evicted_at = time.monotonic() if not any(c.entries for c in caches) else None
-        await mf.wait_for_evictions(5)
+        with anyio.move_on_after(5):
+            await mf.wait_for_evictions()
         await mf.wait_for_reclaim()
         await mf.update_usage()
         fs = mf.stats()
@@ -163,7 +164,7 @@ def main() -> int:
     log_lines = ReportLines()
     logger = logging.getLogger("aiopgalloc")
     logger.addHandler(log_lines)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)
     try:
         move_pid(args.cgroup, os.getpid())
         result = anyio.run(

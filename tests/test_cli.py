@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import pty
 import re
@@ -32,7 +33,9 @@ from typing import Any
 
 import pytest
 
+import aiopgalloc
 from aiopgalloc import (
+    HUGE_PAGE_SIZE,
     PAGE_SIZE,
     EvictionStats,
     FileStats,
@@ -41,6 +44,7 @@ from aiopgalloc import (
     open_memory_file,
 )
 from aiopgalloc._cli import bench, demo_map
+from aiopgalloc._cli import info as info_cli
 from aiopgalloc._cli.demo_summary import RunFacts, summarize
 from aiopgalloc._cli.demo_view import Frame, Header, RichView
 from aiopgalloc.host.cgroup import current_memory_cgroup
@@ -338,6 +342,64 @@ def test_info_when_systemd_disables_pressure() -> None:
     assert "=> none: host memory pressure is off" in verdict
     assert "MEMORY_PRESSURE_WATCH=/dev/null: turned off by systemd" in verdict
     assert "opens the file without it" in verdict and "would fail" not in verdict
+
+
+def test_info_json_is_the_same_facts_as_the_text() -> None:
+    res = _run("info", "--json", timeout=30)
+    assert res.returncode == 0, res.stderr
+    facts = json.loads(res.stdout)
+    assert set(facts) == {"aiopgalloc", "pages", "thp", "cgroups", "pressure"}
+    assert facts["aiopgalloc"] == aiopgalloc.__version__
+    assert facts["pages"]["page_size"] == PAGE_SIZE
+    assert facts["pages"]["huge_page_size"] == HUGE_PAGE_SIZE
+    assert facts["cgroups"]["layout"] in (None, "v1", "v2", "hybrid")
+    pressure = facts["pressure"]
+    labels = [c["label"] for c in pressure["each"]]
+    assert labels[-1] == "ManualPressure" and pressure["each"][-1]["ok"] is True
+    assert "cgroup v1 memory.pressure_level" in labels
+    assert all(isinstance(c["ok"], bool) and c["detail"] for c in pressure["each"])
+    assert pressure["report"] and pressure["verdict"]
+    assert (pressure["chosen"] is None) == pressure["verdict"].startswith("none")
+    # The text is rendered from the same document.
+    text = info_cli.render(facts)
+    assert f"page size                 {PAGE_SIZE} bytes" in text
+    assert f"  => {pressure['verdict']}" in text
+
+
+def test_info_json_when_systemd_disables_pressure() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "aiopgalloc", "info", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "MEMORY_PRESSURE_WATCH": "/dev/null"},
+    )
+    assert res.returncode == 0, res.stderr
+    pressure = json.loads(res.stdout)["pressure"]
+    assert pressure["chosen"] is None
+    assert pressure["off"] == "MEMORY_PRESSURE_WATCH=/dev/null: turned off by systemd"
+
+
+# --------------------------------------------------------- version, usage
+
+
+def test_version() -> None:
+    for flag in ("--version", "-V"):
+        res = _run(flag, timeout=30)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == f"aiopgalloc {aiopgalloc.__version__}\n"
+
+
+def test_usage() -> None:
+    res = _run("--help", timeout=30)
+    assert res.returncode == 0
+    assert "usage: python -m aiopgalloc {demo,info,bench}" in res.stdout
+    assert "--version" in res.stdout
+    res = _run(timeout=30)
+    assert res.returncode == 2 and "usage:" in res.stderr and not res.stdout
+    res = _run("frobnicate", timeout=30)
+    assert res.returncode == 2 and "unknown command 'frobnicate'" in res.stderr
 
 
 # ---------------------------------------------------------------------------- bench

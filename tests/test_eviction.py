@@ -211,13 +211,15 @@ async def test_disabled_evicts_right_after_marking() -> None:
         for i in range(4):
             cache.put(i)
         # Marks made in one go merge into one range before the task runs.
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert cache.evicted == [er(0, 4)]
         assert cache.entries == {}
         mf.check_invariants()
         # A mark after the first task finished starts another one.
         cache.put(7)
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert cache.evicted == [er(0, 4), er(7, 8)]
         stats = ev_of(mf).stats()
         assert (stats.started, stats.finished, stats.users, stats.failed) == (2, 2, 0, 0)
@@ -239,12 +241,15 @@ async def test_manual_never_evicts_without_start_evictions() -> None:
             await anyio.sleep(0.02)
         assert cache.evicted == []
         assert ev_of(mf).started == 0
-        assert await mf.wait_for_evictions(timeout=0)
+        assert ev_of(mf).outstanding == 0
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()  # at once: nothing is outstanding
         assert ev_of(mf).on_pressure(3) is False
         assert mf.should_cache_evictable()
         mf.check_invariants()
         mf.start_evictions()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert cache.evicted == [er(0, 3)]
         await mf.wait_for_reclaim()
         assert mf.total_usage() == 0
@@ -262,7 +267,8 @@ async def test_idle_mode_evicts_once_releaser_idle() -> None:
         # Nobody calls start_evictions: the releaser, woken by the mark,
         # finds nothing to release and starts them.
         await wait_until(lambda: not cache.entries)
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert pages(cache.evicted) == list(range(5))
         assert ev_of(mf).on_pressure(2) is False
         await mf.wait_for_reclaim()
@@ -355,7 +361,8 @@ async def test_enabled_with_pressure_waits_for_pressure() -> None:
             await anyio.sleep(0.02)
         assert cache.evicted == []
         assert ev.on_pressure(1) is True
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert cache.evicted == [er(0, 4)]
         assert ev.pressure_events == 1 and ev.max_pressure_level == 1
 
@@ -398,7 +405,8 @@ async def test_evicts_last_range_first() -> None:
             mf.mark_evictable(rec, r)
         mf.check_invariants()
         mf.start_evictions()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert rec.calls == sorted(marked, reverse=True)
         assert ev_of(mf).stats().evicted_bytes == sum(r.length for r in marked)
 
@@ -416,7 +424,8 @@ async def test_ranges_marked_during_an_eviction_are_evicted_by_the_same_task() -
         mf.start_evictions()  # the user already has a task: nothing new
         mf.check_invariants()
         rec.gate.set()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert rec.calls == [er(10, 11), er(30, 31), er(0, 2)]
         assert ev_of(mf).started == 1
         assert rec.max_active == 1
@@ -442,11 +451,13 @@ async def test_marks_merge_redundant_marks_change_nothing_and_unmarks_split() ->
         mf.mark_unevictable(Recorder(), er(0, 1))  # unknown user: no-op
         mf.check_invariants()
         mf.start_evictions()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert rec.calls == [er(6, 9), er(2, 4), er(0, 1)]
         # After an eviction the ranges are unevictable until marked again.
         mf.start_evictions()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert len(rec.calls) == 3
         assert ev_of(mf).stats().users == 0
 
@@ -462,7 +473,8 @@ async def test_mark_all_unevictable() -> None:
         mf.check_invariants()
         assert ev_of(mf).stats().users == 1
         mf.start_evictions()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert a.calls == []
         assert b.calls == [er(5, 9), er(2, 3), er(0, 1)]
 
@@ -482,7 +494,8 @@ async def test_unmarking_during_an_eviction() -> None:
         mf.mark_unevictable(rec, er(2, 3))
         mf.check_invariants()
         rec.gate.set()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert rec.calls == [er(6, 7), er(4, 5), er(0, 1)]
         # Everything withdrawn while a task runs: it ends, the user is gone.
         rec.gate = anyio.Event()
@@ -495,7 +508,8 @@ async def test_unmarking_during_an_eviction() -> None:
         mf.check_invariants()
         assert ev_of(mf).stats().users == 1  # kept while its task runs
         rec.gate.set()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert rec.calls[3:] == [er(4, 5)]
         assert ev_of(mf).stats().users == 0
         mf.check_invariants()
@@ -533,7 +547,8 @@ async def test_marks_match_a_model(ops: list[tuple[str, int, int]]) -> None:
             mf.check_invariants()
         assert ev_of(mf).stats().evictable_bytes == len(model) * P
         mf.start_evictions()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert rec.calls == runs_descending(model)
 
 
@@ -550,7 +565,8 @@ async def test_users_are_told_apart_by_identity() -> None:
         mf.check_invariants()
         assert ev_of(mf).stats().users == 2
         mf.start_evictions()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert a.calls == [er(1, 2)]
         assert b.calls == [er(4, 5), er(0, 2)]
 
@@ -581,7 +597,8 @@ async def test_one_task_per_user_under_a_burst_of_start_evictions() -> None:
                 await anyio.lowlevel.checkpoint()
             if i % 1000 == 999:
                 mark_more(20)
-        assert await mf.wait_for_evictions(timeout=10)
+        with anyio.fail_after(10):
+            await mf.wait_for_evictions()
         mf.check_invariants()
         for k, u in enumerate(users):
             assert u.max_active == 1, u
@@ -608,7 +625,8 @@ async def test_one_task_per_user_with_marks_and_starts_from_threads() -> None:
         async with anyio.create_task_group() as tg:
             for t in range(4):
                 tg.start_soon(anyio.to_thread.run_sync, worker, t)
-        assert await mf.wait_for_evictions(timeout=10)
+        with anyio.fail_after(10):
+            await mf.wait_for_evictions()
         mf.check_invariants()
         loop_thread = threading.get_ident()
         for u in users:
@@ -633,7 +651,8 @@ async def test_failing_evict_is_logged_counted_and_the_rest_still_evicted(
             mf.mark_evictable(bad, r)
             mf.mark_evictable(good, r)
         mf.start_evictions()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         mf.check_invariants()
         assert bad.calls == [er(6, 7), er(4, 5), er(2, 3), er(0, 1)]
         assert good.calls == bad.calls
@@ -649,7 +668,8 @@ async def test_failing_evict_is_logged_counted_and_the_rest_still_evicted(
         fr = mf.allocate(P)
         mf.mark_evictable(bad, er(4, 5))
         mf.start_evictions()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert bad.calls[-1] == er(4, 5) and ev.failed == 2
         mf.dec_ref(fr)
         mf.check_invariants()
@@ -680,7 +700,8 @@ async def test_evicts_that_are_cancelled_inside_or_time_out(
         mf.mark_evictable(user, er(2, 3))
         mf.mark_evictable(other, er(0, 3))
         mf.start_evictions()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         mf.check_invariants()
         assert user.calls == [er(2, 3), er(0, 1)]
         assert other.calls == [er(0, 3)]
@@ -712,14 +733,16 @@ async def test_evict_raising_a_stray_cancellation(
         for i in range(5):
             mf.mark_evictable(rec, er(2 * i, 2 * i + 1))
         mf.start_evictions()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert ev_of(mf).failed == 2
         assert pages(rec.calls) == [0, 2, 4, 6, 8]
         mf.check_invariants()
         # The dispatcher still runs: a start from a thread is served.
         mf.mark_evictable(rec, er(20, 21))
         await anyio.to_thread.run_sync(mf.start_evictions)
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert rec.calls[-1] == er(20, 21)
 
 
@@ -746,7 +769,9 @@ async def test_hanging_evict_is_cancelled_when_the_file_closes() -> None:
             mf.mark_evictable(rec, er(0, 1))
             mf.start_evictions()
             await hanger.entered.wait()
-            assert await mf.wait_for_evictions(timeout=0.05) is False
+            with anyio.move_on_after(0.05) as waited:
+                await mf.wait_for_evictions()
+            assert waited.cancelled_caught
             assert rec.calls == [er(0, 1)]  # the others are not held up
             mf.check_invariants()
     ev = ev_of(mf)
@@ -833,7 +858,7 @@ async def test_wait_for_evictions_waits_for_tasks_not_yet_running() -> None:
         t.start()
         t.join()
         assert all(u.calls == [] for u in users)
-        assert await mf.wait_for_evictions()
+        await mf.wait_for_evictions()
         for u in users:
             assert len(u.calls) == 20 and u.active == 0
         # The same through anyio's worker threads, with slow evicts.
@@ -850,7 +875,8 @@ async def test_wait_for_evictions_waits_for_tasks_not_yet_running() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(open_gates)
-            assert await mf.wait_for_evictions(timeout=5)
+            with anyio.fail_after(5):
+                await mf.wait_for_evictions()
             for u in users:
                 assert u.calls[-1] == er(100, 101) and u.active == 0
         mf.check_invariants()
@@ -858,17 +884,21 @@ async def test_wait_for_evictions_waits_for_tasks_not_yet_running() -> None:
 
 async def test_wait_for_evictions_timeout_and_cancellation() -> None:
     async with memfile(MANUAL) as mf:
-        assert await mf.wait_for_evictions() is True  # nothing started
-        assert await mf.wait_for_evictions(timeout=0) is True
+        assert await mf.wait_for_evictions() is None  # nothing started
+        with pytest.warns(DeprecationWarning, match="cancel scope"):
+            assert await mf.wait_for_evictions(timeout=0) is True
         rec = Recorder()
         rec.gate = anyio.Event()
         mf.mark_evictable(rec, er(0, 1))
         mf.mark_evictable(rec, er(2, 3))
         mf.start_evictions()
-        assert await mf.wait_for_evictions(timeout=0) is False
-        assert await mf.wait_for_evictions(timeout=-1) is False
+        with pytest.warns(DeprecationWarning, match="cancel scope"):
+            assert await mf.wait_for_evictions(timeout=0) is False
+        with pytest.warns(DeprecationWarning, match="cancel scope"):
+            assert await mf.wait_for_evictions(timeout=-1) is False
         t0 = anyio.current_time()
-        assert await mf.wait_for_evictions(timeout=0.05) is False
+        with pytest.warns(DeprecationWarning, match="cancel scope"):
+            assert await mf.wait_for_evictions(timeout=0.05) is False
         assert anyio.current_time() - t0 >= 0.04
         # Cancelled by the caller's own scope, mid-eviction.
         with anyio.move_on_after(0.02) as scope:
@@ -877,7 +907,8 @@ async def test_wait_for_evictions_timeout_and_cancellation() -> None:
         mf.check_invariants()
         assert ev_of(mf).outstanding == 1
         rec.gate.set()
-        assert await mf.wait_for_evictions(timeout=5) is True
+        with pytest.warns(DeprecationWarning, match="cancel scope"):
+            assert await mf.wait_for_evictions(timeout=5) is True
         assert rec.calls == [er(2, 3), er(0, 1)]
         mf.check_invariants()
 
@@ -891,7 +922,8 @@ async def test_cancelling_a_waiter_while_evictions_finish() -> None:
         results: list[bool] = []
 
         async def waiter() -> None:
-            results.append(await mf.wait_for_evictions())
+            await mf.wait_for_evictions()
+            results.append(True)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(waiter)
@@ -929,7 +961,8 @@ async def test_marks_from_worker_threads_start_evictions_on_the_loop() -> None:
         t = threading.Thread(target=cache.put, args=(1,))
         t.start()
         t.join()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert 1 not in cache.entries
         assert seen and set(seen) == {loop_thread}
         mf.check_invariants()
@@ -947,7 +980,8 @@ async def test_start_evictions_and_on_pressure_from_threads() -> None:
         ev = ev_of(mf)
         assert await anyio.to_thread.run_sync(ev.on_pressure, 2, 0.5) is True
         await wait_until(lambda: len(rec.calls) == 1)
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert rec.calls == [er(2, 4)]
 
 
@@ -961,17 +995,20 @@ async def test_graded_eviction_takes_a_share_from_the_end() -> None:
         for i in range(10):
             cache.put(i)  # one merged range [0, 10)
         assert ev.on_pressure(1, 0.3) is True
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert cache.evicted == [er(7, 10)]
         assert sorted(cache.entries) == list(range(7))
         mf.check_invariants()
         # 0.5 of 7 pages is 3.5: cut at a page boundary, 4 pages go.
         assert ev.on_pressure(2, 0.5) is True
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert cache.evicted[-1] == er(3, 7)
         # Full pressure takes the rest.
         assert ev.on_pressure(3) is True
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert cache.evicted[-1] == er(0, 3) and cache.entries == {}
         assert (ev.pressure_events, ev.max_pressure_level) == (3, 3)
         assert ev.on_pressure(1, 0.5) is False  # nothing left
@@ -988,7 +1025,8 @@ async def test_graded_eviction_across_disjoint_ranges_and_users() -> None:
             mf.mark_evictable(a, r)
         mf.mark_evictable(b, er(0, 1))
         assert ev.on_pressure(1, 0.5) is True
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert a.calls == [er(6, 7), er(4, 5)]  # half of a's 4 pages
         assert b.calls == [er(0, 1)]  # rounded up: a page at least
         assert ev.stats().evictable_bytes == 2 * P
@@ -1008,7 +1046,8 @@ async def test_graded_allowance_grows_and_start_evictions_lifts_it() -> None:
         assert ev.started == 1
         mf.check_invariants()
         rec.gate.set()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert pages(rec.calls) == [12, 14, 16, 18]
         # A graded task in flight turns into a full one on start_evictions.
         rec.gate = anyio.Event()
@@ -1017,7 +1056,8 @@ async def test_graded_allowance_grows_and_start_evictions_lifts_it() -> None:
         await rec.entered.wait()
         mf.start_evictions()
         rec.gate.set()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert pages(rec.calls) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18]
         assert ev.started == 2
         mf.check_invariants()
@@ -1065,7 +1105,8 @@ async def test_bad_input_raises_and_changes_nothing(mode: DelayedEviction) -> No
         rec = Recorder()
         mf.mark_evictable(rec, er(0, 2))
         mf.mark_evictable(rec, er(4, 5))
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         before = ev.stats()
         calls_before = list(rec.calls)
         fresh = Recorder("fresh")
@@ -1099,7 +1140,7 @@ async def test_bad_input_raises_and_changes_nothing(mode: DelayedEviction) -> No
             with pytest.raises(exc):
                 ev.on_pressure(level, fraction)  # type: ignore[arg-type]
         for timeout, exc in [("1", TypeError), (True, TypeError), (math.nan, ValueError)]:
-            with pytest.raises(exc):
+            with pytest.raises(exc), pytest.warns(DeprecationWarning):
                 await mf.wait_for_evictions(timeout)  # type: ignore[arg-type]
         mf.check_invariants()
         assert ev.stats() == before
@@ -1138,7 +1179,8 @@ async def test_other_callable_forms_of_evict_are_accepted() -> None:
         for u in users:
             mf.mark_evictable(u, er(0, 1))  # type: ignore[arg-type]
         mf.start_evictions()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert seen == [("partial", er(0, 1))]
         assert users[1].evict.called == er(0, 1)  # type: ignore[attr-defined]
         users[2].evict.assert_awaited_once_with(er(0, 1))  # type: ignore[attr-defined]
@@ -1181,7 +1223,7 @@ async def test_wait_for_evictions_from_an_evict_is_refused() -> None:
 
         async def evict(self, r: EvictableRange) -> None:
             try:
-                await self.mf.wait_for_evictions(timeout=1)
+                await self.mf.wait_for_evictions()
             except RuntimeError as exc:
                 errors.append(exc)
             # Other calls into the file are fine from here.
@@ -1194,7 +1236,8 @@ async def test_wait_for_evictions_from_an_evict_is_refused() -> None:
             user = Impatient(mf)
             mf.mark_evictable(user, er(0, 1))
             mf.start_evictions()
-            assert await mf.wait_for_evictions(timeout=5)
+            with anyio.fail_after(5):
+                await mf.wait_for_evictions()
             assert len(errors) == 2  # [0, 1), then [50, 51) marked from evict
             assert ev_of(mf).started == 1
             mf.check_invariants()

@@ -543,7 +543,7 @@ class MemoryFileMachine(RuleBasedStateMachine):
         failed = evictions_of(mf).failed
         self.user.calls.clear()
         mf.start_evictions()  # from this thread: the loop's dispatcher spawns the task
-        assert self.acall(mf.wait_for_evictions, 10) is True
+        self.acall(mf.wait_for_evictions)  # acall bounds it (fail_after)
         assert not self.user.errors, self.user.errors
         assert evictions_of(mf).failed == failed
         # One call per maximal run, the last one first.

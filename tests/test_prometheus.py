@@ -106,7 +106,8 @@ async def test_evictions_counted() -> None:
         assert value(reg, "aiopgalloc_evictable_users") == 2
         assert value(reg, "aiopgalloc_evictions_started_total") == 0
         mf.start_evictions()
-        assert await mf.wait_for_evictions(timeout=5)
+        with anyio.fail_after(5):
+            await mf.wait_for_evictions()
         assert value(reg, "aiopgalloc_evictions_started_total") == 2
         assert value(reg, "aiopgalloc_evictions_finished_total") == 2
         assert value(reg, "aiopgalloc_evictions_failed_total") == 1

@@ -30,14 +30,22 @@ EXPECTED_ALL = {
     "EvictionStats",
     "FileRange",
     "FileStats",
+    "ManualPressure",
     "MemoryAccounting",
     "MemoryFile",
     "MemoryFileOpts",
     "MemoryKind",
     "MemoryStats",
+    "NoPressureSourceError",
+    "PressureLevel",
     "RefCountError",
     "load_memory_file",
     "open_memory_file",
+    # Issue 16: the pressure names a user of MemoryFileOpts(pressure_source=...)
+    # and of open_memory_file's errors needs, and the round-up every
+    # allocate(length) of a byte count needs, all from the top.
+    "page_round_down",
+    "page_round_up",
 }
 
 _RANGE = {
@@ -99,6 +107,9 @@ EXPECTED_SURFACE: dict[str, set[str]] = {
         "segments",
         "usage",
     },
+    # A pressure source fired by code (tests, custom policies); the rest of
+    # PressureSourceBase's surface comes with it.
+    "ManualPressure": {"gone_error", "is_open", "notify", "probe"},
     # A tally a user keeps for their own purposes; the allocator's own
     # figures are the read-only ``MemoryFile.accounting``.
     "MemoryAccounting": {"dec", "get", "inc", "move", "snapshot", "total"},
@@ -155,6 +166,9 @@ EXPECTED_SURFACE: dict[str, set[str]] = {
         "tmpfs",
         "total",
     },
+    # ``report`` (every source tried, and why not) is set per instance.
+    "NoPressureSourceError": set(),
+    "PressureLevel": {"CRITICAL", "LOW", "MEDIUM"},
     "RefCountError": set(),
 }
 
@@ -196,6 +210,16 @@ def test_every_public_name_is_documented() -> None:
                 member = inspect.getattr_static(obj, attr)
                 if inspect.isfunction(member) or isinstance(member, property):
                     assert inspect.getdoc(member), f"{name}.{attr}"
+
+
+def test_the_version_is_the_installed_distributions() -> None:
+    """``aiopgalloc.__version__`` is the one source of the version:
+    pyproject.toml reads it (``[tool.setuptools.dynamic]``), so the installed
+    metadata says the same."""
+    from importlib.metadata import version
+
+    assert isinstance(aiopgalloc.__version__, str)
+    assert aiopgalloc.__version__ == version("aiopgalloc")
 
 
 def test_the_allocators_accounting_is_read_only() -> None:

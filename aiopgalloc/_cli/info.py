@@ -15,19 +15,26 @@ Four sections:
   ``MEMORY_PRESSURE_WATCH=/dev/null``), then every candidate tried on its own,
   OK or why not.  Trying a source opens and closes it: a PSI trigger is
   written and removed, a v1 eventfd registered and released.
+
+``--json`` prints the same facts as one JSON document (see ``gather``), for
+scripts and monitoring; the text is made from that document.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from .. import __version__
 from ..host import cgroup, hugepage, pressure
 from ..ranges import PAGE_SIZE
 
-__all__ = ["candidates", "main"]
+__all__ = ["candidates", "gather", "info", "main", "render"]
 
 
 def _size(n: int) -> str:
@@ -44,8 +51,8 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _row(name: str, value: str) -> None:
-    print(f"  {name:<26}{value}")
+def _int(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isdigit() else None
 
 
 _HOW = {
@@ -58,20 +65,20 @@ _HOW = {
 }
 
 
-def _pages() -> None:
-    print("Pages")
-    _row("page size", f"{PAGE_SIZE} bytes ({_size(PAGE_SIZE)})")
-    huge = hugepage.HUGE_PAGE_SIZE
-    _row("huge page size (PMD)", f"{huge} bytes ({_size(huge)}); allocations this big are aligned")
+def _pages() -> dict[str, Any]:
     folder = Path("/sys/kernel/mm/hugepages")
-    sizes = []
+    hugetlb: list[dict[str, Any]] = []
     if folder.is_dir():
         for entry in sorted(folder.iterdir()):
             if entry.name.startswith("hugepages-") and entry.name.endswith("kB"):
                 kib = int(entry.name[len("hugepages-") : -2])
-                total = _read(entry / "nr_hugepages") or "?"
-                sizes.append(f"{_size(kib * 1024)} ({total} reserved)")
-    _row("hugetlb page sizes", ", ".join(sizes) or "none")
+                reserved = _int(_read(entry / "nr_hugepages"))
+                hugetlb.append({"size": kib * 1024, "reserved": reserved})
+    return {
+        "page_size": PAGE_SIZE,
+        "huge_page_size": hugepage.HUGE_PAGE_SIZE,
+        "hugetlb": hugetlb,
+    }
 
 
 _SHMEM_MEANING = {
@@ -84,65 +91,48 @@ _SHMEM_MEANING = {
 }
 
 
-def _thp() -> None:
-    print("Transparent huge pages (/sys/kernel/mm/transparent_hugepage)")
-    settings = hugepage.thp_settings()
-    if not settings:
-        _row("(not available)", "this kernel has no transparent huge pages")
-    for key, value in settings.items():
-        meaning = _SHMEM_MEANING.get(value, "") if key == "shmem_enabled" else ""
-        _row(key, value + (f": {meaning}" if meaning else ""))
-
-
-def _cgroups() -> cgroup.CgroupInfo | None:
-    print("Cgroups")
-    memcg = cgroup.current_memory_cgroup()
+def _cgroups(memcg: cgroup.CgroupInfo | None) -> dict[str, Any]:
     unified = cgroup.unified_cgroup_dir()
     v2_controllers = _read(unified / "cgroup.controllers") if unified else None
-    v2_has_memory = v2_controllers is not None and "memory" in v2_controllers.split()
     if memcg is None:
-        version = "no memory controller found (neither a v1 memory hierarchy nor v2 memory)"
+        layout = None
     elif memcg.version == 2:
-        version = "v2 (unified), with the memory controller"
-    elif unified is not None:
-        version = "v1 memory controller; hybrid: cgroup2 is mounted too, without memory"
+        layout = "v2"
     else:
-        version = "v1 (legacy), the memory controller on its own hierarchy"
-    _row("version", version)
-    if unified is not None:
-        controllers = v2_controllers.split() if v2_controllers else []
-        _row("v2 directory", str(unified))
-        _row(
-            "v2 controllers",
-            (" ".join(controllers) or "none")
-            + ("" if v2_has_memory else " (no memory controller on v2)"),
-        )
-        psi = (unified / "memory.pressure").exists()
-        _row("v2 PSI (memory.pressure)", "present" if psi else "absent")
+        layout = "hybrid" if unified is not None else "v1"
+    facts: dict[str, Any] = {
+        "layout": layout,
+        "v2_directory": str(unified) if unified is not None else None,
+        "v2_controllers": (v2_controllers.split() if v2_controllers else [])
+        if unified is not None
+        else None,
+        "v2_psi": (unified / "memory.pressure").exists() if unified is not None else None,
+        "memory_cgroup": None,
+        "limit": None,
+        "limit_bytes": None,
+        "usage_bytes": None,
+        "can_make_child_cgroups": None,
+        "host_psi": Path("/proc/pressure/memory").exists(),
+    }
     if memcg is not None:
-        _row("memory cgroup", str(memcg.path))
         if memcg.version == 1:
             limit = _read(memcg.path / "memory.limit_in_bytes")
             usage = _read(memcg.path / "memory.usage_in_bytes")
         else:
             limit = _read(memcg.path / "memory.max")
             usage = _read(memcg.path / "memory.current")
-        if limit is not None and limit.isdigit() and int(limit) >= 1 << 60:
-            limit = "none"
-        elif limit is not None and limit.isdigit():
-            limit = _size(int(limit)) if int(limit) % 1024 == 0 else f"{limit} bytes"
-        _row("limit", limit or "?")
-        _row("usage", f"{int(usage) / (1 << 20):.1f} MiB" if usage and usage.isdigit() else "?")
-        can = os.geteuid() == 0 and os.access(memcg.path, os.W_OK)
-        _row(
-            "child cgroups",
-            "can be made here (root, writable): 'demo' uses real pressure"
-            if can
-            else "cannot be made (needs root and a writable cgroup): 'demo' simulates pressure",
+        limit_bytes = _int(limit)
+        facts.update(
+            memory_cgroup=str(memcg.path),
+            # The file's word ("max" on v2), or None when it cannot be read;
+            # limit_bytes is None when there is no limit (v1 says so with a
+            # number of 2**60 or more).
+            limit=limit,
+            limit_bytes=limit_bytes if limit_bytes is not None and limit_bytes < 1 << 60 else None,
+            usage_bytes=_int(usage),
+            can_make_child_cgroups=os.geteuid() == 0 and os.access(memcg.path, os.W_OK),
         )
-    pressure_files = Path("/proc/pressure/memory")
-    _row("host PSI", "present" if pressure_files.exists() else "absent (kernel without PSI)")
-    return memcg
+    return facts
 
 
 def candidates(
@@ -190,13 +180,15 @@ def candidates(
     return out
 
 
-def _pressure(memcg: cgroup.CgroupInfo | None) -> None:
-    print("Pressure sources: what use_host_memcg_pressure=True picks, in order of preference")
+def _pressure(memcg: cgroup.CgroupInfo | None) -> dict[str, Any]:
+    chosen: str | None = None
+    off: str | None = None
     try:
         source, report = pressure.choose_pressure_source(cgroup=memcg)
-        verdict = source.name
+        chosen = verdict = source.name
     except pressure.PressureHandlingOff as exc:
         report = list(exc.report)
+        off = exc.note
         verdict = (
             f"none: host memory pressure is off ({exc.note}); "
             "open_memory_file(use_host_memcg_pressure=True) opens the file without it"
@@ -204,40 +196,154 @@ def _pressure(memcg: cgroup.CgroupInfo | None) -> None:
     except pressure.NoPressureSourceError as exc:
         report = list(exc.report)
         verdict = "none: open_memory_file(use_host_memcg_pressure=True) would fail"
-    for line in report:
-        print(f"  {line}")
-    print(f"  => {verdict}")
-    print("Each source tried on its own (opened and closed again)")
+    each: list[dict[str, Any]] = []
     for label, make in candidates(memcg):
         if isinstance(make, str):
-            print(f"  {label}: no: {make}")
+            each.append({"label": label, "ok": False, "detail": make})
             continue
         try:
             src = make()
             src.probe()
         except (OSError, ValueError) as exc:
-            print(f"  {label}: no: {exc}")
+            each.append({"label": label, "ok": False, "detail": str(exc)})
         else:
-            print(f"  {label}: OK ({_HOW.get(label, src.name)})")
+            each.append({"label": label, "ok": True, "detail": _HOW.get(label, src.name)})
+    return {"chosen": chosen, "off": off, "report": report, "verdict": verdict, "each": each}
 
 
-def info() -> int:
-    """Print what this host offers; returns the exit code (0)."""
-    _pages()
-    print()
-    _thp()
-    print()
-    memcg = _cgroups()
-    print()
-    _pressure(memcg)
+def gather() -> dict[str, Any]:
+    """What this host offers, as a JSON-serialisable dict.
+
+    Keys: ``aiopgalloc`` (the version); ``pages`` (``page_size``,
+    ``huge_page_size``, ``hugetlb``: a list of ``{size, reserved}``, sizes in
+    bytes); ``thp`` (the sysfs settings by file name; empty without THP);
+    ``cgroups`` (``layout``: ``"v1"``, ``"v2"``, ``"hybrid"`` or None when no
+    memory controller is found; ``v2_directory``, ``v2_controllers``,
+    ``v2_psi``; ``memory_cgroup``; ``limit`` as the kernel file says it and
+    ``limit_bytes``, None for no limit; ``usage_bytes``;
+    ``can_make_child_cgroups``; ``host_psi``); ``pressure`` (``chosen``: the
+    source ``use_host_memcg_pressure=True`` picks, or None; ``off``: why
+    pressure handling is switched off, or None; ``report``: the chooser's
+    lines; ``verdict``: its one-line summary; ``each``: every candidate tried
+    on its own, as ``{label, ok, detail}``).  Unknown values are None.
+
+    Cost: a few dozen small file reads, and every pressure source opened and
+    closed again (a few milliseconds).  Raises nothing for what the host
+    lacks (that is what it reports); ``OSError`` only for an unexpected
+    failure reading the cgroup file system.
+    """
+    memcg = cgroup.current_memory_cgroup()
+    return {
+        "aiopgalloc": __version__,
+        "pages": _pages(),
+        "thp": hugepage.thp_settings(),
+        "cgroups": _cgroups(memcg),
+        "pressure": _pressure(memcg),
+    }
+
+
+_LAYOUT = {
+    None: "no memory controller found (neither a v1 memory hierarchy nor v2 memory)",
+    "v2": "v2 (unified), with the memory controller",
+    "hybrid": "v1 memory controller; hybrid: cgroup2 is mounted too, without memory",
+    "v1": "v1 (legacy), the memory controller on its own hierarchy",
+}
+
+
+def render(facts: dict[str, Any]) -> str:
+    """The text of ``python -m aiopgalloc info``, made from ``gather()``'s
+    document.  Pure; raises ``KeyError`` for a document missing a key."""
+    out: list[str] = []
+
+    def row(name: str, value: str) -> None:
+        out.append(f"  {name:<26}{value}")
+
+    pages = facts["pages"]
+    out.append("Pages")
+    size, huge = pages["page_size"], pages["huge_page_size"]
+    row("page size", f"{size} bytes ({_size(size)})")
+    row("huge page size (PMD)", f"{huge} bytes ({_size(huge)}); allocations this big are aligned")
+    sizes = [
+        f"{_size(h['size'])} ({'?' if h['reserved'] is None else h['reserved']} reserved)"
+        for h in pages["hugetlb"]
+    ]
+    row("hugetlb page sizes", ", ".join(sizes) or "none")
+
+    out += ["", "Transparent huge pages (/sys/kernel/mm/transparent_hugepage)"]
+    if not facts["thp"]:
+        row("(not available)", "this kernel has no transparent huge pages")
+    for key, value in facts["thp"].items():
+        meaning = _SHMEM_MEANING.get(value, "") if key == "shmem_enabled" else ""
+        row(key, value + (f": {meaning}" if meaning else ""))
+
+    cg = facts["cgroups"]
+    out += ["", "Cgroups"]
+    row("version", _LAYOUT[cg["layout"]])
+    if cg["v2_directory"] is not None:
+        controllers = cg["v2_controllers"]
+        row("v2 directory", cg["v2_directory"])
+        row(
+            "v2 controllers",
+            (" ".join(controllers) or "none")
+            + ("" if "memory" in controllers else " (no memory controller on v2)"),
+        )
+        row("v2 PSI (memory.pressure)", "present" if cg["v2_psi"] else "absent")
+    if cg["memory_cgroup"] is not None:
+        row("memory cgroup", cg["memory_cgroup"])
+        limit, limit_bytes = cg["limit"], cg["limit_bytes"]
+        if limit is not None and limit.isdigit() and limit_bytes is None:
+            limit = "none"
+        elif limit_bytes is not None:
+            limit = _size(limit_bytes) if limit_bytes % 1024 == 0 else f"{limit_bytes} bytes"
+        row("limit", limit or "?")
+        usage = cg["usage_bytes"]
+        row("usage", f"{usage / (1 << 20):.1f} MiB" if usage is not None else "?")
+        row(
+            "child cgroups",
+            "can be made here (root, writable): 'demo' uses real pressure"
+            if cg["can_make_child_cgroups"]
+            else "cannot be made (needs root and a writable cgroup): 'demo' simulates pressure",
+        )
+    row("host PSI", "present" if cg["host_psi"] else "absent (kernel without PSI)")
+
+    pr = facts["pressure"]
+    out += ["", "Pressure sources: what use_host_memcg_pressure=True picks, in order of preference"]
+    out += [f"  {line}" for line in pr["report"]]
+    out.append(f"  => {pr['verdict']}")
+    out.append("Each source tried on its own (opened and closed again)")
+    for c in pr["each"]:
+        if c["ok"]:
+            out.append(f"  {c['label']}: OK ({c['detail']})")
+        else:
+            out.append(f"  {c['label']}: no: {c['detail']}")
+    return "\n".join(out)
+
+
+def info(as_json: bool = False) -> int:
+    """Print what this host offers (text, or with ``as_json`` one JSON
+    document, indented); returns the exit code (0).  Costs what ``gather``
+    costs."""
+    facts = gather()
+    if as_json:
+        json.dump(facts, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(render(facts))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m aiopgalloc info``."""
-    argparse.ArgumentParser(
+    """``python -m aiopgalloc info [--json]``; returns the exit code.  Raises
+    ``SystemExit`` (status 2) for an unknown option, as argparse does."""
+    args = argparse.ArgumentParser(
         prog="python -m aiopgalloc info",
         description="What this host offers the allocator: page sizes, transparent huge "
         "pages, cgroups, and which memory-pressure sources work here (and why not).",
-    ).parse_args(argv)
-    return info()
+    )
+    args.add_argument(
+        "--json",
+        action="store_true",
+        help="print the facts as one JSON document (the keys are described in "
+        "aiopgalloc._cli.info.gather)",
+    )
+    return info(as_json=args.parse_args(argv).json)
