@@ -188,7 +188,7 @@ BAD_TYPES = [
     ("delayed_eviction", "ENABLED", "DelayedEviction"),
     ("use_host_memcg_pressure", "no", "True or False"),
     ("use_host_memcg_pressure", 1, "True or False"),
-    ("use_host_memcg_pressure", None, "True or False"),
+    ("use_host_memcg_pressure", 0, "None, True or False"),
     ("chunk_size", float(H), "an int"),
     ("chunk_size", True, "an int"),
     ("recycle_max_bytes", "2M", "an int"),
@@ -455,11 +455,16 @@ async def test_systemd_dev_null_opens_with_host_pressure_off(
 async def test_stats_name_the_pressure_source_or_say_why_none() -> None:
     manual = ManualPressure(name="by hand")
     cases = [
-        (MemoryFileOpts(chunk_size=H), "", "use_host_memcg_pressure is False"),
         (
-            MemoryFileOpts(chunk_size=H, pressure_source=manual),
+            MemoryFileOpts(chunk_size=H, use_host_memcg_pressure=False),
             "",
-            "use_host_memcg_pressure is False (the pressure_source given is not used)",
+            "use_host_memcg_pressure is False",
+        ),
+        (MemoryFileOpts(chunk_size=H, pressure_source=manual), "by hand", ""),
+        (
+            MemoryFileOpts(chunk_size=H, delayed_eviction=DelayedEviction.IDLE),
+            "",
+            "delayed_eviction=IDLE does not use memory pressure",
         ),
         (
             MemoryFileOpts(

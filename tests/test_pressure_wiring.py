@@ -304,52 +304,63 @@ async def test_a_storm_of_notifications_coalesces() -> None:
 
 
 @pytest.mark.parametrize(
-    ("mode", "pressure_opt", "caches"),
+    ("mode", "pressure_opt", "give_source", "caches", "listening"),
     [
-        (DelayedEviction.ENABLED, True, True),
-        (DelayedEviction.DEFAULT, True, True),
-        (DelayedEviction.ENABLED, False, False),
-        (DelayedEviction.MANUAL, True, True),
-        (DelayedEviction.MANUAL, False, True),
-        (DelayedEviction.DISABLED, True, False),
+        (DelayedEviction.ENABLED, True, True, True, True),
+        (DelayedEviction.DEFAULT, True, True, True, True),
+        (DelayedEviction.DEFAULT, None, True, True, True),
+        (DelayedEviction.ENABLED, False, False, True, False),
+        (DelayedEviction.MANUAL, True, False, True, False),
+        (DelayedEviction.MANUAL, False, False, True, False),
+        (DelayedEviction.IDLE, None, False, False, False),
+        (DelayedEviction.DISABLED, True, False, False, False),
     ],
 )
 async def test_should_cache_evictable_per_mode(
-    mode: DelayedEviction, pressure_opt: bool, caches: bool
+    mode: DelayedEviction,
+    pressure_opt: bool | None,
+    give_source: bool,
+    caches: bool,
+    listening: bool,
 ) -> None:
     source = ManualPressure()
     opts = MemoryFileOpts(
-        delayed_eviction=mode, use_host_memcg_pressure=pressure_opt, pressure_source=source
+        delayed_eviction=mode,
+        use_host_memcg_pressure=pressure_opt,
+        pressure_source=source if give_source else None,
     )
     async with open_memory_file(opts=opts) as mf:
         assert mf.should_cache_evictable() is caches
-        listening = pressure_opt and mode in (DelayedEviction.ENABLED, DelayedEviction.DEFAULT)
-        assert source.is_open is listening
+        assert source.is_open is (give_source and listening)
+        if not listening:
+            assert mf.stats().pressure_source == ""
 
 
-@pytest.mark.parametrize("mode", [DelayedEviction.MANUAL, DelayedEviction.DISABLED])
+@pytest.mark.parametrize(
+    "mode", [DelayedEviction.MANUAL, DelayedEviction.DISABLED, DelayedEviction.IDLE]
+)
 async def test_pressure_option_is_ignored_outside_enabled(
     mode: DelayedEviction, no_source_anywhere: Path
 ) -> None:
     # No source could be set up here, yet the file opens: in these modes the
     # option is ignored (as in the reference) and nothing is even tried.
-    source = ManualPressure()
     before = open_fds()
     async with open_memory_file(opts=opts_with(None, mode=mode)) as mf:
         assert mf.should_cache_evictable() is (mode is DelayedEviction.MANUAL)
-    async with open_memory_file(opts=opts_with(source, mode=mode)) as mf:
-        assert not source.is_open
+        assert mf.stats().pressure_source == ""
         cache = Cache(mf, "c")
         cache.fill(range(4))
-        source.notify(PressureLevel.CRITICAL)  # nobody listens
         await anyio.sleep(0.1)
         if mode is DelayedEviction.MANUAL:
             assert cache.calls == []  # only start_evictions() evicts
             mf.start_evictions()
-        await wait_until(lambda: not cache.entries)  # DISABLED: at once
+        await wait_until(lambda: not cache.entries)  # DISABLED, IDLE: on their own
         with anyio.fail_after(5):
             await mf.wait_for_evictions()
         assert ev_stats(mf).pressure_events == 0
+    # A source given to a mode that would not listen is refused, not ignored.
+    with pytest.raises(ValueError, match="listens to no pressure"):
+        opts_with(ManualPressure(), mode=mode)
     assert open_fds() == before
 
 

@@ -67,7 +67,7 @@ EXPECTED_SURFACE: dict[str, set[str]] = {
     "CheckpointError": set(),
     "ClosedError": set(),
     "CommitMode": {"FALLOCATE", "NONE", "POPULATE"},
-    "DelayedEviction": {"DEFAULT", "DISABLED", "ENABLED", "MANUAL"},
+    "DelayedEviction": {"DEFAULT", "DISABLED", "ENABLED", "IDLE", "MANUAL"},
     "EvictableMemoryUser": {"evict"},
     "EvictableRange": _RANGE,
     "EvictionStats": {
