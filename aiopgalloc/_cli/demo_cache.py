@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import anyio
+import anyio.lowlevel
 from sortedcontainers import SortedList
 
 from .. import PAGE_SIZE, EvictableRange, FileRange, MemoryFile, MemoryKind
@@ -263,4 +264,4 @@ class LoadGenerator:
                 elif cache.get(key) is None:
                     cache.put(key, pool.value(key, versions.get(key, 0)))
             self.ops += 16
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
