@@ -7,6 +7,12 @@ honest per-kind accounting; on asyncio, asyncio + uvloop and trio alike.
 Linux only: importing this package elsewhere raises ``ImportError`` saying
 so.  ``__version__`` is the package's version (the one source of it:
 pyproject.toml reads it from here).
+
+What is stable: the names in ``__all__``, importable from ``aiopgalloc``
+itself.  Every module below the package (``aiopgalloc.host``,
+``aiopgalloc.segments``, the ``_``-prefixed ones, ...) is internal and may
+change in any release; a leading underscore marks a module that only one
+other module of the package uses.
 """
 
 # How the names below are loaded (the choice, stated once): lazily, by the
