@@ -4,7 +4,7 @@ Each case runs against the same populated memory file (live pages with one
 and two references, freed pages not yet released, released pages, never
 allocated pages) and checks that the call raises the documented exception
 (DESIGN.md's error list) and leaves the allocator exactly as it was:
-``str(mf)``, the accounting snapshot, ``total_size()``, ``reclaim_pending()``
+the page map, the accounting snapshot, ``total_size()``, ``reclaim_pending()``
 and the file's real size unchanged, and ``check_invariants()`` passing.
 """
 

@@ -5,7 +5,7 @@ memory cgroup and the temporary directory the run made are gone afterwards
 (the cgroup is named after the demo's pid, the directory is printed), so
 another demo running on the machine meanwhile does not fail these tests;
 the ``foreign_demo`` fixture plays that other demo.  Plus the demo's pure
-parts: the file map parser (on a real ``str(mf)``), the summary, and the
+parts: the file map (on a real ``page_map()``), the summary, and the
 rich view drawn into a string; and ``bench``'s argument checks (no
 benchmark is run).
 """
