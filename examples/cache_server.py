@@ -40,6 +40,7 @@ import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from aiopgalloc import (
+    AccessType,
     DelayedEviction,
     EvictableRange,
     FileRange,
@@ -78,11 +79,8 @@ class Shard:
     def set(self, key: bytes, value: bytes) -> None:
         self.delete(key)
         fr = self.mf.allocate(page_round_up(len(value)), MemoryKind.PAGE_CACHE)
-        pos = 0
-        for view in self.mf.map_internal(fr):
-            n = min(len(view), len(value) - pos)
-            view[:n] = value[pos : pos + n]
-            pos += n
+        with self.mf.view(fr) as view:  # one buffer, whatever chunks it crosses
+            view[: len(value)] = value
         self.entries[key] = Entry(fr, len(value))
         self.mf.mark_evictable(self, EvictableRange(fr.start, fr.end))
 
@@ -90,8 +88,8 @@ class Shard:
         entry = self.entries.get(key)
         if entry is None:
             return None
-        data = b"".join(bytes(v) for v in self.mf.map_internal(entry.fr))
-        return data[: entry.length]
+        with self.mf.view(entry.fr, AccessType.READ) as view:
+            return bytes(view[: entry.length])
 
     def delete(self, key: bytes) -> bool:
         entry = self.entries.pop(key, None)

@@ -33,9 +33,8 @@ MiB = 1 << 20
 def sha256_of(mf: MemoryFile, fr: FileRange) -> str:
     """The SHA-256 of the bytes in ``fr``, read in place."""
     h = hashlib.sha256()
-    for view in mf.map_internal(fr, AccessType.READ):
+    with mf.view(fr, AccessType.READ) as view:
         h.update(view)
-        view.release()
     return h.hexdigest()
 
 

@@ -52,12 +52,8 @@ class ThumbnailCache:
 
     def put(self, name: str, data: bytes) -> None:
         fr = self.mf.allocate(page_round_up(len(data)), MemoryKind.PAGE_CACHE)
-        pos = 0
-        for view in self.mf.map_internal(fr):  # one view per 64 MiB chunk the range crosses
-            n = min(len(view), len(data) - pos)
-            view[:n] = data[pos : pos + n]
-            pos += n
-            view.release()
+        with self.mf.view(fr) as view:  # one buffer over the pages
+            view[: len(data)] = data
         self.items[name] = fr
         self.mf.mark_evictable(self, EvictableRange(fr.start, fr.end))
 
@@ -112,9 +108,8 @@ async def main() -> None:
             for seed in range(4):
                 nursery.start_soon(producer, cache, 64, seed)
         pinned = mf.allocate(2 * MiB, MemoryKind.ANONYMOUS)
-        (view,) = mf.map_internal(pinned)
-        view[:] = b"\x01" * len(view)
-        view.release()
+        with mf.view(pinned) as view:
+            view[:] = b"\x01" * len(view)
         await mf.update_usage()
         usage = mf.accounting.snapshot()
         print(

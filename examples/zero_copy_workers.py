@@ -142,9 +142,8 @@ async def main() -> None:
             for _ in range(PAYLOADS):
                 fr = mf.allocate(PAYLOAD_SIZE, MemoryKind.ANONYMOUS)
                 data = rng.randbytes(PAYLOAD_SIZE)
-                (view,) = mf.map_internal(fr, AccessType.WRITE)
-                view[:] = data
-                view.release()  # views left alive when the file closes draw a warning
+                with mf.view(fr, AccessType.WRITE) as view:
+                    view[:] = data  # released on leaving: views alive at close draw a warning
                 jobs.append(fr)
                 expected.append(zlib.crc32(data))
                 payloads.append(data)

@@ -28,7 +28,7 @@ import anyio
 import anyio.lowlevel
 from sortedcontainers import SortedList
 
-from .. import PAGE_SIZE, EvictableRange, FileRange, MemoryFile, MemoryKind
+from .. import PAGE_SIZE, AccessType, EvictableRange, FileRange, MemoryFile, MemoryKind
 
 __all__ = ["CacheFigures", "DemoCache", "EvictRecord", "LoadGenerator", "ValuePool"]
 
@@ -109,17 +109,13 @@ class _Shard:
         if entry is None:
             return None
         self.entries.move_to_end(key)
-        crc, left, parts = 0, entry.length, []
-        for view in self.mf.map_internal(entry.fr):
-            part = view[: min(left, len(view))]
-            crc = zlib.crc32(part, crc)
-            parts.append(part)
-            left -= len(part)
-        if crc == entry.crc:
+        with self.mf.view(entry.fr, AccessType.READ) as view:
+            data = bytes(view[: entry.length])
+        if zlib.crc32(data) == entry.crc:
             self.figures.verified += 1
         else:
             self.figures.mismatches += 1
-        return b"".join(parts) if len(parts) > 1 else bytes(parts[0])
+        return data
 
     def put(self, key: int, value: memoryview) -> None:
         """Store ``value`` for ``key`` in fresh pages, replacing any old value
@@ -128,11 +124,8 @@ class _Shard:
             self._drop(key)
         length = len(value)
         fr = self.mf.allocate(-(-length // PAGE_SIZE) * PAGE_SIZE, MemoryKind.PAGE_CACHE)
-        pos = 0
-        for view in self.mf.map_internal(fr):
-            n = min(len(view), length - pos)
-            view[:n] = value[pos : pos + n]
-            pos += n
+        with self.mf.view(fr) as view:
+            view[:length] = value
         self.entries[key] = _Entry(fr, length, zlib.crc32(value))
         self.starts.add(fr.start)
         self.owner[fr.start] = key

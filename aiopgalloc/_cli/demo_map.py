@@ -37,6 +37,7 @@ FREED = 2
 LIVE_BASE = 3
 """Live pages have state ``LIVE_BASE + kind`` (one state per MemoryKind)."""
 
+
 def segment_states(runs: Iterable[PageRun]) -> list[tuple[int, int, int]]:
     """Turn ``mf.page_map()`` into ``(start, end, state)`` triples: live
     runs by kind, freed and releasing runs as ``FREED``.  Pure."""

@@ -477,7 +477,7 @@ async def _play(run: _Run) -> RunFacts:
     """The phases, then the shutdown; returns the facts for the summary."""
     mf = run.mf
     table = mf.allocate(SESSION_TABLE, MemoryKind.ANONYMOUS)  # pinned, never evictable
-    for view in mf.map_internal(table):
+    with mf.view(table) as view:
         view[:] = b"\x5a" * len(view)
     async with anyio.create_task_group() as ticking:
         ticking.start_soon(_account, mf, 0.5)
