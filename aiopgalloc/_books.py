@@ -155,10 +155,11 @@ _SYSTEM = MemoryKind.SYSTEM
 _NKINDS = len(MemoryKind)
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
+class Placement(NamedTuple):
     """Where an allocation goes (a decision, not yet booked): ``start`` and
-    the waste pieces inside ``[start, start + length)``."""
+    the waste pieces inside ``[start, start + length)``.  A tuple: one is
+    made on every allocation, and a frozen dataclass costs three
+    ``object.__setattr__`` calls to build."""
 
     start: int
     end: int
@@ -231,7 +232,6 @@ class PageBooks:
 
     __slots__ = (
         "_commit_seq",
-        "_file_size",
         "_flush",
         "_frees",
         "_known_committed",
@@ -247,6 +247,7 @@ class PageBooks:
         "_waste",
         "allocations",
         "bytes_released",
+        "file_size",
         "max_end",
         "recycled_bytes",
         "releases",
@@ -257,7 +258,10 @@ class PageBooks:
             raise ValueError(f"file size {file_size:#x} outside [0, {max_end:#x}]")
         self.max_end = max_end
         self._recycle_max = recycle_max_bytes
-        self._file_size = file_size
+        self.file_size = file_size
+        """The file's size as booked (a whole number of chunks).  Read by
+        the owner on every allocation, so a plain attribute; changed only
+        by ``grow``."""
         self._usage: SegmentSet[UsageInfo] = SegmentSet(
             usage_mergeable, max_key=max_end, granularity=PAGE_SIZE
         )
@@ -283,11 +287,6 @@ class PageBooks:
         """Placements booked (and not undone)."""
 
     # ------------------------------------------------------------- reading
-
-    @property
-    def file_size(self) -> int:
-        """The file's size as booked (a whole number of chunks).  O(1)."""
-        return self._file_size
 
     @property
     def known_committed(self) -> int:
@@ -332,10 +331,10 @@ class PageBooks:
         segments (the largest gap comes from the gap index)."""
         usage, waste = self._usage, self._waste
         last = usage.last()
-        tail = self._file_size - (last[1] if last is not None else 0)
+        tail = self.file_size - (last[1] if last is not None else 0)
         return BooksFigures(
             usage=self.accounting(),
-            file_size=self._file_size,
+            file_size=self.file_size,
             known_committed_bytes=self._known_committed,
             live_bytes=usage.total_length - self._releasing,
             freed_bytes=waste.total_length,
@@ -407,10 +406,10 @@ class PageBooks:
         releaser punches them.  Returns whether that happened (a placement
         planned before is then stale).  Raises ``ValueError`` for a size
         that shrinks or passes ``max_end``.  O(log n)."""
-        old = self._file_size
+        old = self.file_size
         if not old <= new_size <= self.max_end or foreign_end > new_size:
             raise ValueError(f"cannot grow the books from {old:#x} to {new_size:#x}")
-        self._file_size = new_size
+        self.file_size = new_size
         if foreign_end > old:
             end = (foreign_end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
             self._free(old, end, False)
@@ -447,7 +446,7 @@ class PageBooks:
         key = pieces[-1][1]
         for _ in range(32):
             b = usage.first_fit(length, key, align)
-            if b is None or b + length > self._file_size:
+            if b is None or b + length > self.file_size:
                 break
             in_b = list(waste.segments(b, b + length))
             if not in_b:
@@ -462,7 +461,7 @@ class PageBooks:
         Precondition: ``p`` was planned with no transition since, and the
         file covers it.  O(log n + k)."""
         start, end = p.start, p.end
-        if end > self._file_size:
+        if end > self.file_size:
             raise ValueError(f"placement {FileRange(start, end)} past the file's end")
         usage = self._usage
         live = LIVE[kind]
@@ -853,7 +852,7 @@ class PageBooks:
             raise ValueError("restore needs empty books")
         usage = self._usage
         for s, e, kind, refs in segments:
-            if e > self._file_size:
+            if e > self.file_size:
                 raise ValueError(f"segment {FileRange(s, e)} past the file's end")
             usage.add(s, e, LIVE[kind][False] if refs == 1 else UsageInfo(kind, False, refs))
 
@@ -885,7 +884,7 @@ class PageBooks:
         assert 0 <= self._releasing_committed <= self._releasing, "releasing committed stale"
         per_kind[_SYSTEM] += self._releasing_committed
         high = max((usage.last() or (0, 0))[1], (waste.last() or (0, 0))[1])
-        assert high <= self._file_size, "a segment lies past the end of the file"
+        assert high <= self.file_size, "a segment lies past the end of the file"
         assert list(self._per_kind) == per_kind, f"per-kind counts {self._per_kind} != {per_kind}"
         assert sum(per_kind) == self._known_committed, "known-committed total stale"
         assert len(self._punched) <= PUNCH_LOG, "punch log over its bound"
