@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from .lifecycle import load_memory_file, open_memory_file
     from .memory_file import MemoryFile
     from .options import AccessType, CommitMode, DelayedEviction, MemoryFileOpts
+    from .page_cache import PageCache, PageCacheStats, PinnedValue
     from .ranges import (
         HUGE_PAGE_SIZE,
         PAGE_SIZE,
@@ -74,6 +75,9 @@ __all__ = [
     "MemoryKind",
     "MemoryStats",
     "NoPressureSourceError",
+    "PageCache",
+    "PageCacheStats",
+    "PinnedValue",
     "PressureLevel",
     "RefCountError",
     "load_memory_file",
@@ -99,6 +103,9 @@ _LAZY: dict[str, str] = {
     "CommitMode": ".options",
     "DelayedEviction": ".options",
     "MemoryFileOpts": ".options",
+    "PageCache": ".page_cache",
+    "PageCacheStats": ".page_cache",
+    "PinnedValue": ".page_cache",
     "HUGE_PAGE_SIZE": ".ranges",
     "PAGE_SIZE": ".ranges",
     "EvictableRange": ".ranges",

@@ -8,6 +8,7 @@ figures, not how good the numbers are.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -113,7 +114,7 @@ def test_bench_smoke_every_workload_every_backend(tmp_path: Path) -> None:
     the per-backend ones once per backend, and nothing warns (a memoryview
     left alive when a file closes, a task that failed)."""
     proc, doc = _run_bench(tmp_path, "--smoke")
-    assert set(doc["workloads"]) == {str(k) for k in range(1, 12)}
+    assert set(doc["workloads"]) == {str(k) for k in bench.WORKLOADS}
     backends = doc["config"]["backends"]
     assert backends[0] == "asyncio"
     for key, w in doc["workloads"].items():
@@ -329,3 +330,23 @@ def test_table_marks_pass_and_miss() -> None:
     text = format_table([r])
     assert "PASS" in text and "MISS" in text and ">= 2x" in text
     assert r.rows[0].passed is True and r.rows[1].passed is False and r.rows[2].passed is None
+
+
+def test_bench_smoke_page_cache_workload(tmp_path: Path) -> None:
+    """Workload 13: PageCache's throughput beside cachetools' LRUCache and a
+    dict, and the hit ratios, the real cache matching its simulation."""
+    _, doc = _run_bench(
+        tmp_path, "--smoke", "--workloads", "13", "--backend", "asyncio", "--no-progress"
+    )
+    w = doc["workloads"]["13"]
+    tp = w["results"]["throughput"]
+    # cachetools comes with the bench extra, not the test one.
+    peers = {"dict"}
+    if importlib.util.find_spec("cachetools") is not None:
+        peers.add("cachetools.LRUCache")
+    assert set(tp["read"]) == {"PageCache.get", "PageCache.get_bytes", *peers}
+    assert all(x > 0 for xs in tp["read"].values() for x in xs)
+    assert set(tp["put"]) == {"PageCache.put", *peers}
+    for alpha, h in w["results"]["hit_ratio"].items():
+        assert 0 < h["lru"] < 1 and 0 < h["sieve"] < 1, alpha
+        assert h["page_cache"] == h["sieve"], "the real cache differs from its simulation"

@@ -46,6 +46,11 @@ EXPECTED_ALL = {
     # allocate(length) of a byte count needs, all from the top.
     "page_round_down",
     "page_round_up",
+    # Issue 17: the byte cache a service uses first, its figures, and the
+    # pinned handle its get() returns.
+    "PageCache",
+    "PageCacheStats",
+    "PinnedValue",
 }
 
 _RANGE = {
@@ -170,6 +175,33 @@ EXPECTED_SURFACE: dict[str, set[str]] = {
     "NoPressureSourceError": set(),
     "PressureLevel": {"CRITICAL", "LOW", "MEDIUM"},
     "RefCountError": set(),
+    "PageCache": {
+        "check_invariants",
+        "clear",
+        "delete",
+        "evict",
+        "get",
+        "get_bytes",
+        "max_bytes",
+        "nbytes",
+        "put",
+        "stats",
+    },
+    "PageCacheStats": {
+        "as_dict",
+        "bytes_held",
+        "entries",
+        "evicted_by_capacity",
+        "evicted_by_pressure",
+        "expired",
+        "hit_ratio",
+        "hits",
+        "max_bytes",
+        "misses",
+        "pinned",
+        "value_bytes",
+    },
+    "PinnedValue": {"nbytes", "release"},
 }
 
 

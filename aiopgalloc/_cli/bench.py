@@ -7,8 +7,8 @@ alternatives, with the performance targets.
 Runs the workloads of ``aiopgalloc._bench`` (1 churn, 2 scaling, 3 release,
 4 usage scan, 5 eviction latency, 6 memory per segment, 7 commit modes,
 8 checkpoint throughput, 9 reuse policy, 10 pressure event storm, 11 segment
-set operations) with a progress bar on stderr (``rich`` on a
-terminal when installed, else one line per step), prints a table of the
+set operations, 13 PageCache against cachetools and dict) with a progress
+bar on stderr (``rich`` on a terminal when installed, else one line per step), prints a table of the
 results with every ratio next to its target (PASS or MISS), writes
 everything to JSON (``bench-results.json`` in the current directory unless
 ``--json``) and draws the scaling curve as a PNG when matplotlib is
@@ -56,6 +56,7 @@ WORKLOADS: dict[int, tuple[str, bool]] = {
     9: ("reuse", False),
     10: ("storm", True),
     11: ("segment_set", False),
+    13: ("page_cache", False),
 }
 BACKEND_CHOICES = {"asyncio": "asyncio", "uvloop": "asyncio+uvloop", "trio": "trio"}
 
