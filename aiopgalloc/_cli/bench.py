@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -244,8 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     why_not = report.write_png(
         results,
         png_path,
-        f"aiopgalloc {pk['aiopgalloc']}: allocate + dec_ref vs live segments "
-        f"({machine['hostname']}, {cfg.mode}, {cfg.primary})",
+        f"aiopgalloc {pk['aiopgalloc']} bench ({cfg.mode}, {cfg.primary})",
+        caption=(
+            f"{machine.get('cpu_model') or 'unknown CPU'} x {machine.get('cpu_count', '?')} | "
+            f"kernel {machine.get('kernel', '?')} | Python {platform.python_version()} | "
+            f"{machine.get('hostname', '')} | {created}"
+        ),
     )
     doc["png"] = None if why_not else str(png_path)
     report.write_json(doc, json_path)
