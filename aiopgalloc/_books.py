@@ -547,6 +547,27 @@ class PageBooks:
             f"{'freed' if freed else 'not allocated'}"
         )
 
+    def first_shared(self, start: int, end: int) -> tuple[int, int] | None:
+        """The first run of pages in [start, end) with more than one
+        reference (neighbouring shared segments joined), or None when every
+        page has exactly one.  Live pages must cover the range: raises
+        ``RefCountError`` otherwise (a query: nothing changes either way).
+        O(log n + k)."""
+        self._check_live(start, end, "first_shared_range")
+        found: tuple[int, int] | None = None
+        for s, e, v in self._usage.segments(start, end):
+            a, b = max(s, start), min(e, end)
+            if v.refs > 1:
+                if found is None:
+                    found = (a, b)
+                elif found[1] == a:
+                    found = (found[0], b)
+                else:
+                    break
+            elif found is not None:
+                break
+        return found
+
     def inc_ref(self, start: int, end: int) -> None:
         """One more reference on every page of [start, end), which live
         pages must cover.  Raises ``RefCountError`` (nothing changed).

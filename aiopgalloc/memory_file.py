@@ -335,6 +335,33 @@ class MemoryFile:
 
     # ------------------------------------------------------------ references
 
+    def has_unique_ref(self, fr: FileRange) -> bool:
+        """Whether every page of ``fr`` has exactly one reference: the
+        caller's, so it may change the bytes in place (copy-on-write: else
+        copy them to a fresh allocation first).  Upstream's ``HasUniqueRef``.
+        A snapshot: another thread may ``inc_ref`` right after.  Cost:
+        O(log n + k) for k segments in range.
+
+        Raises ``TypeError``/``ValueError`` for a bad range,
+        ``RefCountError`` if any page is not allocated, ``ClosedError``.
+        """
+        return self.first_shared_range(fr) is None
+
+    def first_shared_range(self, fr: FileRange) -> FileRange | None:
+        """The first sub-range of ``fr`` whose pages have more than one
+        reference (as long as it runs), or None when every page has
+        exactly one.  Upstream's ``FirstSharedRange``.  A snapshot, as
+        ``has_unique_ref``.  Cost: O(log n + k).
+
+        Raises ``TypeError``/``ValueError`` for a bad range,
+        ``RefCountError`` if any page is not allocated, ``ClosedError``.
+        """
+        start, end = check_range(fr, "first_shared_range")
+        with self._mu:
+            self._check_open()
+            found = self._books.first_shared(start, end)
+        return None if found is None else FileRange(*found)
+
     def inc_ref(self, fr: FileRange) -> None:
         """Add one reference to every page of ``fr``.
 

@@ -127,6 +127,8 @@ EXPECTED_SURFACE: dict[str, set[str]] = {
         "dec_ref",
         "decommit",
         "fd",
+        "first_shared_range",
+        "has_unique_ref",
         "inc_ref",
         "map_internal",
         "mark_all_unevictable",
