@@ -34,6 +34,7 @@ from typing import Any
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGE = "aiopgalloc"
@@ -76,6 +77,7 @@ class OptionalMypycBuildExt(build_ext):
     pure package (dropping every extension of the unit) when it cannot."""
 
     _note: str | None = None
+    _inplace = False
 
     def finalize_options(self) -> None:
         # mypyc generates its C here, not at setup.py's import: pip runs
@@ -87,7 +89,7 @@ class OptionalMypycBuildExt(build_ext):
         if _pure_build_requested():
             self._note = f"{PURE_BUILD_ENV} is set"
             return []
-        if "sdist" in self.distribution.commands:
+        if "sdist" in getattr(self.distribution, "commands", ()):
             return []  # the sdist carries the .py sources only
         try:
             from mypyc.build import mypycify
@@ -105,7 +107,10 @@ class OptionalMypycBuildExt(build_ext):
         return exts
 
     def run(self) -> None:
-        if self.inplace:
+        # setuptools' run() clears inplace while building (and leaves it
+        # cleared when the build raises): remember it.
+        self._inplace = bool(self.inplace)
+        if self._inplace:
             # An editable build: what an earlier build left in the tree
             # (perhaps of a module no longer compiled) goes first.
             self._remove_unit([os.path.join(HERE, PACKAGE)])
@@ -113,7 +118,12 @@ class OptionalMypycBuildExt(build_ext):
             try:
                 super().run()
             except Exception as exc:
-                self._note = f"compiling failed ({type(exc).__name__}: {exc})"
+                # The compiler's whole command line is in the message: keep
+                # its head (the verbose log has the rest).
+                why = f"{type(exc).__name__}: {exc}"
+                self._note = (
+                    "compiling failed (" + (why[:160] + " ..." if len(why) > 160 else why) + ")"
+                )
                 self._remove_unit(self._package_dirs())
         else:
             self._note = self._note or "nothing to compile"
@@ -128,41 +138,66 @@ class OptionalMypycBuildExt(build_ext):
 
     def _package_dirs(self) -> list[str]:
         dirs = [os.path.join(self.build_lib, PACKAGE)]
-        if self.inplace:
+        if self._inplace:
             dirs.append(os.path.join(HERE, PACKAGE))
         return dirs
 
     def _remove_unit(self, dirs: list[str]) -> None:
-        """Delete the compiled modules from ``dirs``: the unit's shared
-        library and every extension module lying next to a ``.py`` of the
-        same name (a half-built or older unit must not be imported next to
-        the sources)."""
-        for d in dirs:
-            for path in glob.glob(os.path.join(d, "*.so")):
-                name = os.path.basename(path).split(".", 1)[0]
-                if name in (*MODULES, "_core__mypyc") or os.path.exists(
-                    os.path.join(d, name + ".py")
-                ):
-                    os.remove(path)
-                    _say(f"removed {os.path.relpath(path, HERE)}")
+        _remove_compiled(dirs)
 
     def _write_record(self) -> None:
-        compiled = self._note is None
-        sources = (
-            {m: _sha256(os.path.join(HERE, PACKAGE, m + ".py")) for m in MODULES}
-            if compiled
-            else {}
-        )
-        text = (
-            '"""Written by setup.py at build time; never edit or commit it."""\n\n'
-            f"BUILD = {('compiled' if compiled else 'pure')!r}\n"
-            f"NOTE = {(self._note or _mypyc_version())!r}\n"
-            f"SOURCES = {sources!r}\n"
-        )
-        for d in self._package_dirs():
-            if os.path.isdir(d):
-                with open(os.path.join(d, "_build_record.py"), "w", encoding="utf-8") as f:
-                    f.write(text)
+        _write_record(self._package_dirs(), self._note)
+
+
+class RecordingBuildPy(build_py):
+    """build_py that, for the opt-out (``AIOPGALLOC_PURE_BUILD=1``, where no
+    extension is built and so build_ext never runs), says so, writes the
+    pure build record, and deletes what an earlier in-place build left."""
+
+    def run(self) -> None:
+        super().run()
+        if not _pure_build_requested():
+            return
+        dirs = [os.path.join(self.build_lib, PACKAGE)]
+        if getattr(self, "editable_mode", False):
+            dirs.append(os.path.join(HERE, PACKAGE))
+        _remove_compiled(dirs)
+        note = f"{PURE_BUILD_ENV} is set"
+        _say(f"installing the PURE-PYTHON package: {note}.")
+        _say("it works the same, only slower; aiopgalloc.COMPILED is False.")
+        _write_record(dirs, note)
+
+
+def _remove_compiled(dirs: list[str]) -> None:
+    """Delete the compiled modules from ``dirs``: the unit's shared library
+    and every extension module lying next to a ``.py`` of the same name (a
+    half-built or older unit must not be imported next to the sources)."""
+    for d in dirs:
+        for path in glob.glob(os.path.join(d, "*.so")):
+            name = os.path.basename(path).split(".", 1)[0]
+            if name in (*MODULES, "_core__mypyc") or os.path.exists(os.path.join(d, name + ".py")):
+                os.remove(path)
+                _say(f"removed {os.path.relpath(path, HERE)}")
+
+
+def _write_record(dirs: list[str], note: str | None) -> None:
+    """Write ``_build_record.py`` into each package directory of ``dirs``:
+    compiled (``note`` None: with the sha256 of each compiled source) or
+    pure (``note`` says why)."""
+    compiled = note is None
+    sources = (
+        {m: _sha256(os.path.join(HERE, PACKAGE, m + ".py")) for m in MODULES} if compiled else {}
+    )
+    text = (
+        '"""Written by setup.py at build time; never edit or commit it."""\n\n'
+        f"BUILD = {('compiled' if compiled else 'pure')!r}\n"
+        f"NOTE = {(note or _mypyc_version())!r}\n"
+        f"SOURCES = {sources!r}\n"
+    )
+    for d in dirs:
+        if os.path.isdir(d):
+            with open(os.path.join(d, "_build_record.py"), "w", encoding="utf-8") as f:
+                f.write(text)
 
 
 def _mypyc_version() -> str:
@@ -177,7 +212,10 @@ def _mypyc_version() -> str:
 # (a platform wheel); build_ext replaces it with mypyc's, or with nothing.
 _PLACEHOLDER: list[Any] = [Extension(f"{GROUP}__mypyc", sources=[])]
 
-setup(
-    ext_modules=[] if _pure_build_requested() else _PLACEHOLDER,
-    cmdclass={"build_ext": OptionalMypycBuildExt},
-)
+# (setuptools' build backend runs this file as __main__; tests load it under
+# another name to reach the commands.)
+if __name__ == "__main__":
+    setup(
+        ext_modules=[] if _pure_build_requested() else _PLACEHOLDER,
+        cmdclass={"build_ext": OptionalMypycBuildExt, "build_py": RecordingBuildPy},
+    )

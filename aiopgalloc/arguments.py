@@ -41,13 +41,12 @@ def range_bounds(fr: object, what: str) -> tuple[int, int]:
     # local would unbox a bool to 0 or 1 before the check below sees it.
     bounds: tuple[object, object] = fr
     first, last = bounds
-    if type(first) is not int or type(last) is not int:
-        if (
-            not (isinstance(first, int) and isinstance(last, int))
-            or isinstance(first, bool)
-            or isinstance(last, bool)
-        ):
-            raise TypeError(f"{what}: range bounds must be ints, got {fr!r}")
+    if (type(first) is not int or type(last) is not int) and (
+        not (isinstance(first, int) and isinstance(last, int))
+        or isinstance(first, bool)
+        or isinstance(last, bool)
+    ):
+        raise TypeError(f"{what}: range bounds must be ints, got {fr!r}")
     start, end = int(first), int(last)
     if start < 0 or end <= start:
         raise ValueError(f"{what}: empty, negative or ill-formed range {fr!r}")
