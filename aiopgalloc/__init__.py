@@ -6,7 +6,9 @@ honest per-kind accounting; on asyncio, asyncio + uvloop and trio alike.
 
 Linux only: importing this package elsewhere raises ``ImportError`` saying
 so.  ``__version__`` is the package's version (the one source of it:
-pyproject.toml reads it from here).
+pyproject.toml reads it from here).  ``COMPILED`` (a bool) says whether the
+core (the page books and segment sets) runs compiled with mypyc or as pure
+Python: see ``aiopgalloc._native``.
 
 What is stable: the names in ``__all__``, importable from ``aiopgalloc``
 itself.  Every module below the package (``aiopgalloc.host``,
@@ -30,10 +32,17 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-# Refuses anything but Linux with memfd_create, with an ImportError.
-from . import host  # noqa: F401
+# host refuses anything but Linux with memfd_create, with an ImportError.
+# Then, before any module of the compiled core is imported: AIOPGALLOC_PURE=1
+# runs its .py sources; otherwise a compiled module older than its source
+# raises ImportError (never silently shadows it).  See aiopgalloc/_native.py.
+from . import _native, host  # noqa: F401
+
+_native.check_build()
 
 if TYPE_CHECKING:
+    # Computed on first use by __getattr__, not imported: see _native.compiled.
+    COMPILED: bool
     from .checkpoint_format import CheckpointError
     from .errors import ClosedError, RefCountError
     from .eviction_api import EvictableMemoryUser, EvictionStats
@@ -56,6 +65,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "COMPILED",
     "HUGE_PAGE_SIZE",
     "PAGE_SIZE",
     "AccessType",
@@ -124,6 +134,12 @@ def __getattr__(name: str) -> object:
     then kept here (later lookups are plain attribute reads).  The first use
     costs that module's import (the allocator's, about 50-100 ms, for
     ``open_memory_file``).  Raises ``AttributeError`` for any other name."""
+    if name == "COMPILED":
+        # Whether the core (books, segment sets) runs compiled with mypyc:
+        # False for a pure build and under AIOPGALLOC_PURE=1.
+        compiled = _native.compiled()
+        globals()[name] = compiled
+        return compiled
     where = _LAZY.get(name)
     if where is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

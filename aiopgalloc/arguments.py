@@ -37,15 +37,17 @@ def range_bounds(fr: object, what: str) -> tuple[int, int]:
             else ""
         )
         raise TypeError(f"{what}: expected a FileRange, got {type(fr).__name__}{hint}")
-    start, end = fr
-    if type(start) is not int or type(end) is not int:
-        if (
-            not (isinstance(start, int) and isinstance(end, int))
-            or isinstance(start, bool)
-            or isinstance(end, bool)
-        ):
-            raise TypeError(f"{what}: range bounds must be ints, got {fr!r}")
-        start, end = int(start), int(end)
+    # The bounds as given, typed object: compiled with mypyc, an int-typed
+    # local would unbox a bool to 0 or 1 before the check below sees it.
+    bounds: tuple[object, object] = fr
+    first, last = bounds
+    if (type(first) is not int or type(last) is not int) and (
+        not (isinstance(first, int) and isinstance(last, int))
+        or isinstance(first, bool)
+        or isinstance(last, bool)
+    ):
+        raise TypeError(f"{what}: range bounds must be ints, got {fr!r}")
+    start, end = int(first), int(last)
     if start < 0 or end <= start:
         raise ValueError(f"{what}: empty, negative or ill-formed range {fr!r}")
     return start, end

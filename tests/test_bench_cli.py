@@ -110,7 +110,7 @@ def test_bench_smoke_writes_machine_workloads_and_numbers(tmp_path: Path) -> Non
 
 
 def test_bench_smoke_every_workload_every_backend(tmp_path: Path) -> None:
-    """All eleven workloads at smoke size on every backend: each reports rows,
+    """All twelve workloads at smoke size on every backend: each reports rows,
     the per-backend ones once per backend, and nothing warns (a memoryview
     left alive when a file closes, a task that failed)."""
     proc, doc = _run_bench(tmp_path, "--smoke")
@@ -119,7 +119,7 @@ def test_bench_smoke_every_workload_every_backend(tmp_path: Path) -> None:
     assert backends[0] == "asyncio"
     for key, w in doc["workloads"].items():
         assert w["rows"], f"workload {key} has no rows"
-        assert w["backends"] == (backends if key in ("3", "4", "5", "10") else ["asyncio"])
+        assert w["backends"] == (backends if key in ("3", "4", "5", "10", "12") else ["asyncio"])
     release_rows = [t for t in doc["targets"] if t["workload"] == 3]
     assert len(release_rows) == len(backends)
     churn = doc["workloads"]["1"]["results"]["median_steps_per_s"]
@@ -214,11 +214,11 @@ def test_bench_png_when_matplotlib(tmp_path: Path) -> None:
 
 
 def test_bench_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--workloads", "12"], ["--workloads", "x"], ["--backend", "tokio"]):
+    for argv in (["--workloads", "13"], ["--workloads", "x"], ["--backend", "tokio"]):
         with pytest.raises(SystemExit) as exc:
             bench.main(argv)
         assert exc.value.code == 2
-    assert "no workload 12" in capsys.readouterr().err
+    assert "no workload 13" in capsys.readouterr().err
 
 
 def test_bench_workload_numbers_are_stable() -> None:
@@ -236,7 +236,34 @@ def test_bench_workload_numbers_are_stable() -> None:
         9: "reuse",
         10: "storm",
         11: "segment_set",
+        12: "tight_loop",
     }
+
+
+def test_bench_tight_loop_reports_both_builds_side_by_side(tmp_path: Path) -> None:
+    """Workload 12 at smoke size: every contender's samples per backend,
+    and, on a compiled install, the pure build's (from its AIOPGALLOC_PURE=1
+    worker) with the compiled-vs-pure rows."""
+    import aiopgalloc
+
+    _, doc = _run_bench(
+        tmp_path, "--smoke", "--workloads", "12", "--backend", "asyncio", "--no-progress"
+    )
+    w = doc["workloads"]["12"]
+    assert w["backends"] == ["asyncio"]
+    med = w["results"]["median_us_per_cycle"]["asyncio"]
+    builds = ["compiled", "pure"] if aiopgalloc.COMPILED else ["pure"]
+    assert w["results"]["this_build"] == builds[0]
+    for case in ("4 KiB", "16 KiB written"):
+        for who in [*builds, "mmap", "shared_memory"]:
+            assert med[f"{who}|{case}"] > 0, (who, case)
+            samples = w["results"]["samples_us_per_cycle"]["asyncio"][f"{who}|{case}"]
+            assert len(samples) == 3
+    rows = [r["measurement"] for r in w["rows"]]
+    assert ("4 KiB cycle, compiled vs pure (asyncio)" in rows) == aiopgalloc.COMPILED
+    targets = [t for t in doc["targets"] if t["workload"] == 12]
+    assert len(targets) == (3 if aiopgalloc.COMPILED else 0)
+    assert "mmap time / aiopgalloc time" in json.dumps(w["rows"])
 
 
 def test_first_fit_arena_against_a_model() -> None:

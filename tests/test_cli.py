@@ -348,8 +348,12 @@ def test_info_json_is_the_same_facts_as_the_text() -> None:
     res = _run("info", "--json", timeout=30)
     assert res.returncode == 0, res.stderr
     facts = json.loads(res.stdout)
-    assert set(facts) == {"aiopgalloc", "pages", "thp", "cgroups", "pressure"}
+    assert set(facts) == {"aiopgalloc", "build", "pages", "thp", "cgroups", "pressure"}
     assert facts["aiopgalloc"] == aiopgalloc.__version__
+    build = facts["build"]
+    assert build["compiled"] is aiopgalloc.COMPILED
+    assert build["build"] in (None, "compiled", "pure")
+    assert build["modules"] and build["pure_env"] in (True, False)
     assert facts["pages"]["page_size"] == PAGE_SIZE
     assert facts["pages"]["huge_page_size"] == HUGE_PAGE_SIZE
     assert facts["cgroups"]["layout"] in (None, "v1", "v2", "hybrid")
@@ -362,6 +366,8 @@ def test_info_json_is_the_same_facts_as_the_text() -> None:
     assert (pressure["chosen"] is None) == pressure["verdict"].startswith("none")
     # The text is rendered from the same document.
     text = info_cli.render(facts)
+    core = "compiled (" if build["compiled"] else "pure Python ("
+    assert f"core                      {core}" in text
     assert f"page size                 {PAGE_SIZE} bytes" in text
     assert f"  => {pressure['verdict']}" in text
 

@@ -18,6 +18,8 @@ import inspect
 import aiopgalloc
 
 EXPECTED_ALL = {
+    # Issue 15: whether the core runs compiled (mypyc) or pure; a bool.
+    "COMPILED",
     "HUGE_PAGE_SIZE",
     "PAGE_SIZE",
     "AccessType",
@@ -263,3 +265,14 @@ def test_the_allocators_accounting_is_read_only() -> None:
 
     view_surface = {n for n in dir(AccountingView) if not n.startswith("_")}
     assert view_surface == {"get", "snapshot", "total"}
+
+
+def test_compiled_is_a_bool_saying_which_build_runs() -> None:
+    """``COMPILED`` is True exactly when the books are an extension module
+    (mypyc), False for the pure build (and under ``AIOPGALLOC_PURE=1``)."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    from aiopgalloc import _books
+
+    assert type(aiopgalloc.COMPILED) is bool
+    assert (_books.__file__ or "").endswith(tuple(EXTENSION_SUFFIXES)) == aiopgalloc.COMPILED

@@ -7,16 +7,17 @@ alternatives, with the performance targets.
 Runs the workloads of ``aiopgalloc._bench`` (1 churn, 2 scaling, 3 release,
 4 usage scan, 5 eviction latency, 6 memory per segment, 7 commit modes,
 8 checkpoint throughput, 9 reuse policy, 10 pressure event storm, 11 segment
-set operations, 13 PageCache against cachetools and dict) with a progress
-bar on stderr (``rich`` on a terminal when installed, else one line per step), prints a table of the
+set operations, 12 the tight loop on both builds of the core, 13 PageCache
+against cachetools and dict) with a progress bar on stderr (``rich`` on a
+terminal when installed, else one line per step), prints a table of the
 results with every ratio next to its target (PASS or MISS), writes
 everything to JSON (``bench-results.json`` in the current directory unless
 ``--json``) and draws the scaling curve as a PNG when matplotlib is
 installed (beside the JSON, same name with ``.png``, unless ``--png``).
 
-Backends: workloads 3, 4, 5 and 10 (the ones whose timed part awaits: the
-releaser, a worker-thread scan, an eviction task, the loop under a storm of
-pressure events) run on every backend chosen; the others (synchronous calls
+Backends: workloads 3, 4, 5, 10 and 12 (the ones whose timed part awaits, or
+wakes what does: the releaser, a worker-thread scan, an eviction task, the
+loop under a storm of pressure events) run on every backend chosen; the others (synchronous calls
 with the event loop idle, and the informational figures) run once, on the
 first backend chosen (asyncio for ``all``).  ``--quick`` shrinks the sizes
 and takes 3 repetitions instead of 5, finishing in about a minute and a
@@ -57,6 +58,7 @@ WORKLOADS: dict[int, tuple[str, bool]] = {
     9: ("reuse", False),
     10: ("storm", True),
     11: ("segment_set", False),
+    12: ("tight_loop", True),
     13: ("page_cache", False),
 }
 BACKEND_CHOICES = {"asyncio": "asyncio", "uvloop": "asyncio+uvloop", "trio": "trio"}
@@ -111,13 +113,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="1,2,...",
         help="which workloads to run (default: all: "
         "1 churn, 2 scaling, 3 release, 4 usage scan, 5 eviction, 6 memory, 7 commit modes, "
-        "8 checkpoint, 9 reuse policy, 10 pressure storm, 11 segment set)",
+        "8 checkpoint, 9 reuse policy, 10 pressure storm, 11 segment set, 12 tight loop)",
     )
     p.add_argument(
         "--backend",
         choices=[*BACKEND_CHOICES, "all"],
         default="all",
-        help="anyio backend(s) (default: all; workloads 3-5 and 10 run on each, "
+        help="anyio backend(s) (default: all; workloads 3-5, 10 and 12 run on each, "
         "the others on the first)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress output")

@@ -1,7 +1,9 @@
 """``python -m aiopgalloc info``: what this host offers the allocator.
 
-Four sections:
+Five sections:
 
+- build: whether the core (page books, segment sets) runs compiled with
+  mypyc or as pure Python, and why (``aiopgalloc._native.describe``);
 - pages: the base page size, the PMD huge page size (allocations of that
   size or more are aligned to it) and the hugetlb sizes the kernel has;
 - transparent huge pages: the three sysfs settings, and what
@@ -30,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .. import __version__, _native
 from ..host import cgroup, hugepage, pressure
 from ..ranges import PAGE_SIZE
 
@@ -214,7 +216,12 @@ def _pressure(memcg: cgroup.CgroupInfo | None) -> dict[str, Any]:
 def gather() -> dict[str, Any]:
     """What this host offers, as a JSON-serialisable dict.
 
-    Keys: ``aiopgalloc`` (the version); ``pages`` (``page_size``,
+    Keys: ``aiopgalloc`` (the version); ``build`` (``compiled``: a bool,
+    as ``aiopgalloc.COMPILED``; ``build``: what the install was built as,
+    ``"compiled"``, ``"pure"`` or None for a tree never built; ``note``: the
+    mypyc version or why the build is pure; ``pure_env``: whether
+    ``AIOPGALLOC_PURE`` asks for the pure build; ``modules``: the compiled
+    unit); ``pages`` (``page_size``,
     ``huge_page_size``, ``hugetlb``: a list of ``{size, reserved}``, sizes in
     bytes); ``thp`` (the sysfs settings by file name; empty without THP);
     ``cgroups`` (``layout``: ``"v1"``, ``"v2"``, ``"hybrid"`` or None when no
@@ -235,6 +242,7 @@ def gather() -> dict[str, Any]:
     memcg = cgroup.current_memory_cgroup()
     return {
         "aiopgalloc": __version__,
+        "build": _native.describe(),
         "pages": _pages(),
         "thp": hugepage.thp_settings(),
         "cgroups": _cgroups(memcg),
@@ -257,6 +265,20 @@ def render(facts: dict[str, Any]) -> str:
 
     def row(name: str, value: str) -> None:
         out.append(f"  {name:<26}{value}")
+
+    build = facts["build"]
+    out.append("Build")
+    if build["compiled"]:
+        running = f"compiled ({build['note'] or 'mypyc'})"
+    elif build["pure_env"] and build["build"] == "compiled":
+        running = "pure Python (AIOPGALLOC_PURE is set; the install is compiled)"
+    elif build["build"] == "pure":
+        running = f"pure Python ({build['note']})"
+    else:
+        running = "pure Python (a source tree never built: pip install -e . compiles it)"
+    row("core", running)
+    row("compiled unit", ", ".join(build["modules"]))
+    out.append("")
 
     pages = facts["pages"]
     out.append("Pages")
