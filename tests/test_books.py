@@ -535,7 +535,11 @@ class BooksMachine(RuleBasedStateMachine):
         for i in idx:
             if self.page(i).state == "freed":
                 self.page(i).state = "releasing"
-        self._punched([i for s, e in plan.live for i in range(s // P, e // P)])
+        # The books note the punches when planned, the waste's as well as the
+        # live pages': a racing scan leaves them out even if the decommit is
+        # then abandoned (conservative: the next scan books them).
+        punched = [*plan.live, *plan.waste.ranges]
+        self._punched([i for s, e in punched for i in range(s // P, e // P)])
         self.decommits.append(plan)
 
     @precondition(lambda self: self.decommits)
