@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -46,7 +46,9 @@ P = PAGE_SIZE
 CHUNK = 2 << 20
 MAX_END = 1 << 40
 RUN_PAGES = RUN_BYTES // P
-FUZZ_LONG = os.environ.get("AIOPGALLOC_FUZZ", "").lower() == "long"
+# AIOPGALLOC_FUZZ=long: ten times the fuzzing; =short: a tenth (mutation runs).
+FUZZ = os.environ.get("AIOPGALLOC_FUZZ", "").lower()
+FUZZ_SCALE = 10 if FUZZ == "long" else 0.1 if FUZZ == "short" else 1
 
 
 def books(recycle_max: int = 1 << 30, size: int = CHUNK) -> PageBooks:
@@ -648,12 +650,14 @@ def _pieces(pages: list[tuple[int, bool]]) -> list[tuple[int, int, bool]]:
     return out
 
 
-EXAMPLES = 2000 if FUZZ_LONG else 200
+EXAMPLES = int(200 * FUZZ_SCALE)
 SETTINGS = settings(
     max_examples=EXAMPLES,
     stateful_step_count=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    # A mutation run wants a verdict, not the smallest failing example.
+    phases=[p for p in Phase if p != Phase.shrink] if FUZZ == "short" else list(Phase),
 )
 
 
@@ -670,7 +674,7 @@ def test_books_model(capsys: pytest.CaptureFixture[Any]) -> None:
     assert BooksMachine.steps >= EXAMPLES * 10
 
 
-WALK_STEPS = 200_000 if FUZZ_LONG else 20_000
+WALK_STEPS = int(20_000 * FUZZ_SCALE)
 
 
 def test_books_random_walk(capsys: pytest.CaptureFixture[Any]) -> None:
