@@ -36,6 +36,7 @@ from aiopgalloc import PAGE_SIZE, MemoryKind, MemoryStats, RefCountError
 from aiopgalloc._books import (
     PUNCH_LOG,
     RUN_BYTES,
+    BooksFigures,
     DecommitPlan,
     PageBooks,
     Placement,
@@ -113,6 +114,38 @@ def test_large_requests_prefer_clean_room_inside_the_file() -> None:
     assert big.start == 0 or big.end > b.file_size
 
 
+def test_undo_placement_over_committed_pieces_apart() -> None:
+    # Freed: [0, P) committed, [P, 2P) not, [2P, 3P) committed.  A placement
+    # recycles all three; undone, the books are as before (each committed
+    # usage segment is matched against the committed pieces it overlaps).
+    b = books()
+    for commit in (True, False, True):
+        s, e = allocate(b, 1)
+        if commit:
+            b.mark_committed(s, e, MemoryKind.ANONYMOUS)
+    b.dec_ref(0, 3 * P)
+    before = (states(b), b.accounting(), b.known_committed, b.allocations, b.recycled_bytes)
+    p = b.plan_placement(3 * P, P)
+    recycled = b.place(p, MemoryKind.TMPFS)
+    assert recycled == [(0, P, True), (P, 2 * P, False), (2 * P, 3 * P, True)]
+    assert b.accounting() == MemoryStats(tmpfs=2 * P)
+    b.undo_placement(p.start, p.end, recycled, MemoryKind.TMPFS)
+    assert (states(b), b.accounting(), b.known_committed, b.allocations, b.recycled_bytes) == (
+        before
+    )
+    b.check()
+
+
+def test_mark_committed_keeps_the_reference_counts() -> None:
+    b = books()
+    s, e = allocate(b, 3, MemoryKind.MAPPED)
+    b.inc_ref(s + P, s + 2 * P)
+    b.mark_committed(s, e, MemoryKind.MAPPED)
+    assert [r[4:] for r in b.page_map()] == [(1, True), (2, True), (1, True)]
+    assert b.accounting() == MemoryStats(mapped=3 * P)
+    b.check()
+
+
 def test_place_past_the_end_is_refused() -> None:
     b = books()
     with pytest.raises(ValueError, match="past the file's end"):
@@ -162,6 +195,41 @@ def test_refcount_errors_change_nothing() -> None:
     with pytest.raises(RefCountError, match="not allocated"):
         b.dec_ref(4 * P, 5 * P)
     assert states(b) == snap
+    b.check()
+
+
+def test_refcount_errors_name_the_pages_and_why() -> None:
+    b = books()
+    allocate(b, 4)  # page 0 stays live
+    b.dec_ref(P, 3 * P)
+    assert b.take_release_batch(1 << 30, 8, runs_only=False) is not None  # pages 1-2
+    b.dec_ref(3 * P, 4 * P)  # page 3 freed; pages 4 on are clean
+    allocate(b, 1)  # lands on page 3
+    for call, start, end, says in [
+        (
+            b.inc_ref,
+            0,
+            2 * P,
+            "inc_ref: pages FileRange(0x1000, 0x2000) were freed and are being released",
+        ),
+        (b.dec_ref, 4 * P, 5 * P, "dec_ref: pages FileRange(0x4000, 0x5000) are not allocated"),
+        (b.inc_ref, 3 * P, 6 * P, "inc_ref: pages FileRange(0x4000, 0x6000) are not allocated"),
+        (b.plan_decommit, 0, 2 * P, "decommit: pages at 0x1000 are being released already"),
+        (
+            b.plan_decommit,
+            3 * P,
+            6 * P,
+            "decommit: pages FileRange(0x4000, 0x6000) are not allocated",
+        ),
+    ]:
+        with pytest.raises(RefCountError) as info:
+            call(start, end)
+        assert str(info.value) == says
+    allocate(b, 1)  # page 4
+    b.dec_ref(4 * P, 5 * P)
+    with pytest.raises(RefCountError) as info:
+        b.dec_ref(3 * P, 5 * P)
+    assert str(info.value) == "dec_ref: pages FileRange(0x4000, 0x5000) are freed"
     b.check()
 
 
@@ -317,6 +385,27 @@ def test_a_stale_scan_leaves_out_the_pages_punched_since() -> None:
     b.check()
 
 
+def test_a_stale_scan_leaves_out_every_hole_punched_in_one_run() -> None:
+    b = books()
+    s, e = allocate(b, 8)
+    plan = b.plan_scan(committed_now=8 * P)
+    assert plan is not None
+    for hole in (2, 5):  # two separate holes in the one run scanned
+        d = b.plan_decommit(s + hole * P, s + (hole + 1) * P)
+        d.waste.performed = True
+        b.finish_decommit(d)
+    assert b.apply_scan(plan.seq, [(s, e)])
+    assert b.accounting().anonymous == 6 * P
+    assert [(r[0], r[1], r[5]) for r in b.page_map()] == [
+        (s, s + 2 * P, True),
+        (s + 2 * P, s + 3 * P, False),
+        (s + 3 * P, s + 5 * P, True),
+        (s + 5 * P, s + 6 * P, False),
+        (s + 6 * P, e, True),
+    ]
+    b.check()
+
+
 def test_a_scan_older_than_the_punch_log_is_refused() -> None:
     b = books()
     s, e = allocate(b, 2)
@@ -353,6 +442,125 @@ def test_export_and_restore_round_trip() -> None:
     with pytest.raises(ValueError, match="empty books"):
         c.restore(exported)
     c.check()
+
+
+def _mixed_books() -> tuple[PageBooks, ReleaseBatch]:
+    """[0, 4P) TMPFS (the upper half known committed), [4P, 7P) MAPPED (the
+    last page with two references), [7P, 11P) ANONYMOUS with page 8
+    releasing (in the batch returned) and page 10 freed."""
+    b = books()
+    a = allocate(b, 4, MemoryKind.TMPFS)
+    b.mark_committed(a[0] + 2 * P, a[1], MemoryKind.TMPFS)
+    allocate(b, 3, MemoryKind.MAPPED)
+    b.inc_ref(6 * P, 7 * P)
+    allocate(b, 4, MemoryKind.ANONYMOUS)
+    b.dec_ref(8 * P, 9 * P)
+    batch = b.take_release_batch(1 << 30, 8, runs_only=False)
+    assert batch is not None and batch.pieces == [(8 * P, 9 * P, False)]
+    b.dec_ref(10 * P, 11 * P)
+    b.check()
+    return b, batch
+
+
+def test_export_live_joins_same_kind_and_refs_and_skips_releasing_pages() -> None:
+    b, _ = _mixed_books()
+    T, M, A = MemoryKind.TMPFS, MemoryKind.MAPPED, MemoryKind.ANONYMOUS
+    # Known committed is not exported: the TMPFS halves join; the refs split
+    # MAPPED; the releasing page is skipped and the pages after it kept, not
+    # joined across the hole; the freed page is not live.
+    assert b.export_live() == [
+        (0, 4 * P, T, 1),
+        (4 * P, 6 * P, M, 1),
+        (6 * P, 7 * P, M, 2),
+        (7 * P, 8 * P, A, 1),
+        (9 * P, 10 * P, A, 1),
+    ]
+
+
+def test_restore_takes_segments_up_to_the_file_end_and_refuses_past_it() -> None:
+    c = books(size=CHUNK)
+    saved = [(0, P, MemoryKind.TMPFS, 1), (CHUNK - P, CHUNK, MemoryKind.MAPPED, 3)]
+    c.restore(saved)
+    assert c.export_live() == saved
+    assert c.page_map() == [
+        (0, P, "live", MemoryKind.TMPFS, 1, False),
+        (CHUNK - P, CHUNK, "live", MemoryKind.MAPPED, 3, False),
+    ]
+    assert c.known_committed == 0
+    c.check()
+    d = books(size=CHUNK)
+    with pytest.raises(ValueError, match=r"FileRange\(0x1ff000, 0x201000\) past the file's end"):
+        d.restore([(CHUNK - P, CHUNK + P, MemoryKind.TMPFS, 1)])
+
+
+def test_describe_lists_each_segment_then_the_freed_ranges() -> None:
+    b, _ = _mixed_books()
+    b.dec_ref(0, 2 * P)  # uncommitted TMPFS pages freed
+    b.dec_ref(2 * P, 3 * P)  # a committed one
+    assert b.describe() == [
+        "[0x3000, 0x4000) TMPFS committed refs=1",
+        "[0x4000, 0x6000) MAPPED uncommitted refs=1",
+        "[0x6000, 0x7000) MAPPED uncommitted refs=2",
+        "[0x7000, 0x8000) ANONYMOUS uncommitted refs=1",
+        "[0x8000, 0x9000) releasing uncommitted",
+        "[0x9000, 0xa000) ANONYMOUS uncommitted refs=1",
+        "[0x0, 0x2000) freed uncommitted",
+        "[0x2000, 0x3000) freed committed",
+        "[0xa000, 0xb000) freed uncommitted",
+    ]
+    assert b.describe(limit=2) == [
+        "[0x3000, 0x4000) TMPFS committed refs=1",
+        "[0x4000, 0x6000) MAPPED uncommitted refs=1",
+        "... 4 more segments",
+        "[0x0, 0x2000) freed uncommitted",
+        "[0x2000, 0x3000) freed committed",
+        "... 1 more freed ranges",
+    ]
+    assert b.describe(limit=6) == b.describe()[:6] + b.describe()[6:]
+    assert books().describe() == []
+
+
+def test_figures_of_empty_books_and_every_counter() -> None:
+    assert books().figures() == BooksFigures(
+        usage=MemoryStats(),
+        file_size=CHUNK,
+        known_committed_bytes=0,
+        live_bytes=0,
+        freed_bytes=0,
+        releasing_bytes=0,
+        segments=0,
+        largest_free_gap=CHUNK,
+        releases=0,
+        bytes_released=0,
+        recycled_bytes=0,
+        allocations=0,
+    )
+    b, batch = _mixed_books()
+    assert b.figures() == BooksFigures(
+        usage=MemoryStats(tmpfs=2 * P),
+        file_size=CHUNK,
+        known_committed_bytes=2 * P,
+        live_bytes=9 * P,
+        freed_bytes=P,
+        releasing_bytes=P,
+        segments=7,
+        largest_free_gap=CHUNK - 10 * P,  # freed pages are free room
+        releases=0,
+        bytes_released=0,
+        recycled_bytes=0,
+        allocations=3,
+    )
+    # Punch the batch, then place one page in the clean page it left and one
+    # in the freed page: the counters follow.
+    batch.performed = True
+    b.finish_release(batch)
+    assert allocate(b, 1) == (8 * P, 9 * P)
+    assert allocate(b, 1) == (10 * P, 11 * P)
+    b.check()
+    f = b.figures()
+    assert (f.releases, f.bytes_released, f.recycled_bytes, f.allocations) == (1, P, P, 5)
+    assert (f.live_bytes, f.freed_bytes, f.releasing_bytes) == (11 * P, 0, 0)
+    assert f.segments == len([r for r in b.page_map() if r[2] != "freed"])
 
 
 def test_figures_are_o1_and_match_a_recount() -> None:
