@@ -307,15 +307,54 @@ def test_notes_overflow_falls_back_to_one_pass() -> None:
     n = 2 * (1 << 16) + 4
     for _ in range(n // 2048 + 1):
         allocate(b, 2048)
-    # Frees that each merge with a neighbour: every one is noted.
-    for i in range(0, n, 2):
-        b.dec_ref(i * P, (i + 1) * P)
+    # Frees that each merge with a neighbour: every one is noted, far more
+    # than are kept.  Every 1024th page stays live: the waste is runs of
+    # 1023 pages, and a 3-page tail too short to be one.
+    for i in range(2, n, 2):
+        if i % 1024:
+            b.dec_ref(i * P, (i + 1) * P)
     for i in range(1, n, 2):
         b.dec_ref(i * P, (i + 1) * P)
-    batch = b.take_release_batch(1 << 40, 1 << 20, runs_only=True)
-    assert batch is not None and batch.nbytes == n * P
-    batch.performed = True
-    b.finish_release(batch)
+    runs = [(k * 1024 * P + P, (k + 1) * 1024 * P, False) for k in range(n // 1024)]
+    # The pass after the overflow honours both limits and goes on next time.
+    first = b.take_release_batch(1 << 40, 2, runs_only=True)
+    assert first is not None and first.pieces == runs[:2]
+    second = b.take_release_batch(1023 * P + 1, 1 << 20, runs_only=True)
+    assert second is not None and second.pieces == runs[2:4]
+    rest = b.take_release_batch(1 << 40, 1 << 20, runs_only=True)
+    assert rest is not None and rest.pieces == runs[4:]
+    assert b.take_release_batch(1 << 40, 1 << 20, runs_only=True) is None
+    assert b.reclaim_pending == (len(runs) * 1023 + 3) * P  # taken or waiting
+    for batch in (first, second, rest):
+        batch.performed = True
+        b.finish_release(batch)
+    assert b.reclaim_pending == 3 * P
+    b.check()
+
+
+def test_runs_only_honours_its_limits_and_skips_recycled_notes() -> None:
+    b = books()
+    runs = []
+    for _ in range(6):
+        s, e = allocate(b, RUN_PAGES)
+        allocate(b, 1)  # keeps the runs apart
+        runs.append((s, e, False))
+    pair, _ = allocate(b, 2)  # two pages past 1 MiB, freed one by one below
+    for s, e, _ in runs:
+        b.dec_ref(s, e)  # each a run by itself: noted
+    b.dec_ref(pair, pair + P)
+    b.dec_ref(pair + P, pair + 2 * P)  # merged: noted, but short of a run
+    # The lowest run's note goes stale: a placement recycles its first page.
+    assert allocate(b, 1) == (0, P)
+    first = b.take_release_batch(1 << 40, 2, runs_only=True)
+    assert first is not None and first.pieces == runs[1:3]
+    second = b.take_release_batch(RUN_BYTES + 1, 4096, runs_only=True)
+    assert second is not None and second.pieces == runs[3:5]
+    last = b.take_release_batch(1 << 40, 4096, runs_only=True)
+    assert last is not None and last.pieces == runs[5:]
+    assert b.take_release_batch(1 << 40, 4096, runs_only=True) is None
+    # Taken (releasing): every run but the recycled page; waiting: the pair.
+    assert b.reclaim_pending == 6 * RUN_BYTES - P + 2 * P
     b.check()
 
 
