@@ -170,6 +170,17 @@ def test_undo_placement_restores_waste_and_uncounts_commits() -> None:
     b.check()
 
 
+def test_grow_from_nothing_and_foreign_ends_at_the_bounds() -> None:
+    b = books(size=0)
+    assert not b.grow(CHUNK)  # nobody else wrote: nothing to book
+    assert not b.grow(2 * CHUNK, foreign_end=CHUNK)  # nothing past the old end
+    assert b.page_map() == []
+    assert b.grow(3 * CHUNK, foreign_end=3 * CHUNK)  # up to the new end exactly
+    assert b.page_map() == [(2 * CHUNK, 3 * CHUNK, "freed", MemoryKind.SYSTEM, 0, False)]
+    assert b.file_size == 3 * CHUNK
+    b.check()
+
+
 def test_grow_books_foreign_pages_as_freed() -> None:
     b = books()
     assert not b.grow(2 * CHUNK)
@@ -277,7 +288,7 @@ def test_runs_only_takes_merged_runs_and_leaves_lone_frees() -> None:
     assert batch is not None and batch.nbytes == (RUN_PAGES - 1) * P
     batch.performed = True
     b.finish_release(batch)
-    assert b.reclaim_pending == 0 and not b.flush_requested
+    assert b.reclaim_pending == 0 and b.flush_requested is False
     b.check()
 
 
@@ -450,6 +461,7 @@ def test_a_scan_older_than_the_punch_log_is_refused() -> None:
     s, e = allocate(b, 2)
     plan = b.plan_scan(committed_now=P)
     assert plan is not None
+    allocate(b, 2)  # the punches land at page 4: an offset above every seq
     t, u = allocate(b, 1)
     for _ in range(PUNCH_LOG + 1):
         b.dec_ref(t, u)
@@ -461,6 +473,10 @@ def test_a_scan_older_than_the_punch_log_is_refused() -> None:
     snap = b.page_map()
     assert not b.apply_scan(plan.seq, [(s, e)])
     assert b.page_map() == snap
+    # A scan planned after the punches the log dropped is taken.
+    fresh = b.plan_scan(committed_now=P)
+    assert fresh is not None and b.apply_scan(fresh.seq, [(s, e)])
+    assert b.accounting().anonymous == 2 * P
     b.check()
 
 
@@ -589,16 +605,21 @@ def test_figures_of_empty_books_and_every_counter() -> None:
         recycled_bytes=0,
         allocations=3,
     )
-    # Punch the batch, then place one page in the clean page it left and one
-    # in the freed page: the counters follow.
+    # Punch the batch, place one page in the clean page it left and one in
+    # the freed page, then free and punch page 9: the counters follow.
     batch.performed = True
     b.finish_release(batch)
     assert allocate(b, 1) == (8 * P, 9 * P)
     assert allocate(b, 1) == (10 * P, 11 * P)
+    b.dec_ref(9 * P, 10 * P)
+    again = b.take_release_batch(1 << 30, 8, runs_only=False)
+    assert again is not None
+    again.performed = True
+    b.finish_release(again)
     b.check()
     f = b.figures()
-    assert (f.releases, f.bytes_released, f.recycled_bytes, f.allocations) == (1, P, P, 5)
-    assert (f.live_bytes, f.freed_bytes, f.releasing_bytes) == (11 * P, 0, 0)
+    assert (f.releases, f.bytes_released, f.recycled_bytes, f.allocations) == (2, 2 * P, P, 5)
+    assert (f.live_bytes, f.freed_bytes, f.releasing_bytes) == (10 * P, 0, 0)
     assert f.segments == len([r for r in b.page_map() if r[2] != "freed"])
 
 
