@@ -343,6 +343,19 @@ def test_notes_overflow_falls_back_to_one_pass() -> None:
     b.check()
 
 
+def test_a_full_batch_stops_at_max_bytes_or_max_ranges() -> None:
+    b = books()
+    for _ in range(8):
+        allocate(b, 1)
+    for i in range(0, 8, 2):
+        b.dec_ref(i * P, (i + 1) * P)  # four lone freed pages
+    first = b.take_release_batch(2 * P, 4096, runs_only=False)
+    assert first is not None and first.pieces == [(0, P, False), (2 * P, 3 * P, False)]
+    second = b.take_release_batch(1 << 30, 1, runs_only=False)
+    assert second is not None and second.pieces == [(4 * P, 5 * P, False)]
+    b.check()
+
+
 def test_runs_only_honours_its_limits_and_skips_recycled_notes() -> None:
     b = books()
     runs = []
