@@ -16,6 +16,7 @@ batch a runs-only pass takes, what a stale scan may count.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -83,6 +84,26 @@ def test_first_fit_over_clean_and_freed_pages() -> None:
     assert b.place(p, MemoryKind.TMPFS) == [(0, P, False)]
     assert states(b) == [(0, P, "live"), (P, 2 * P, "freed"), (2 * P, 4 * P, "live")]
     assert b.recycled_bytes == P
+    b.check()
+
+
+def test_clean_placements_carry_no_pieces_and_offsets_can_run_out() -> None:
+    b = PageBooks(file_size=CHUNK, max_end=CHUNK, recycle_max_bytes=1 << 30)
+    assert b.plan_placement(P, P).pieces == []  # no waste at all
+    for _ in range(4):
+        allocate(b, 1)
+    b.dec_ref(P, 2 * P)
+    batch = b.take_release_batch(1 << 30, 8, runs_only=False)
+    assert batch is not None
+    batch.performed = True
+    b.finish_release(batch)  # page 1 clean again
+    b.dec_ref(3 * P, 4 * P)  # page 3 freed: waste, but past the placement
+    assert b.frees == 2
+    p = b.plan_placement(P, P)
+    assert (p.start, p.end, p.pieces) == (P, 2 * P, [])
+    with pytest.raises(OSError, match="offsets exhausted") as info:
+        b.plan_placement(CHUNK, P)
+    assert info.value.errno == errno.ENOMEM
     b.check()
 
 
