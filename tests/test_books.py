@@ -135,6 +135,31 @@ def test_large_requests_prefer_clean_room_inside_the_file() -> None:
     assert big.start == 0 or big.end > b.file_size
 
 
+def test_large_requests_skip_waste_to_clean_room_or_fall_back_to_it() -> None:
+    # Freed runs A = [0, 8P) and B = [9P, 17P), kept apart by live pages 8
+    # and 17; clean from 18P.  An 8-page request (over recycle_max) passes
+    # A, then B, and lands on clean pages; aligned, on aligned clean pages.
+    def setup(size: int) -> PageBooks:
+        b = books(recycle_max=4 * P, size=size)
+        a, _ = allocate(b, 8)
+        allocate(b, 1)
+        c, _ = allocate(b, 8)
+        allocate(b, 1)
+        b.dec_ref(a, a + 8 * P)
+        b.dec_ref(c, c + 8 * P)
+        return b
+
+    b = setup(CHUNK)
+    p = b.plan_placement(8 * P, P)
+    assert (p.start, p.end, p.pieces) == (18 * P, 26 * P, [])
+    p = b.plan_placement(8 * P, 16 * P)
+    assert (p.start, p.end, p.pieces) == (32 * P, 40 * P, [])
+    # No clean room inside the file: the first fit, recycling A.
+    b = setup(20 * P)
+    p = b.plan_placement(8 * P, P)
+    assert (p.start, p.end, p.pieces) == (0, 8 * P, [(0, 8 * P, False)])
+
+
 def test_undo_placement_over_committed_pieces_apart() -> None:
     # Freed: [0, P) committed, [P, 2P) not, [2P, 3P) committed.  A placement
     # recycles all three; undone, the books are as before (each committed
