@@ -811,6 +811,14 @@ def test_carve_if_carves_only_what_the_predicate_accepts(load: int) -> None:
         s.carve_if(15, 15, lambda v: True)
 
 
+def test_carve_and_carve_if_up_to_max_key() -> None:
+    s = build([(80, 90, "a"), (90, 100, "b")], max_key=100)
+    assert s.carve_if(95, 100, lambda v: True) == "b"
+    assert s.carve(85, 90) == "a"
+    s.check()
+    assert list(s) == [(80, 85, "a"), (90, 95, "b")]
+
+
 def test_carve_at_block_boundaries(small_load: int) -> None:
     # Segments k = [10k, 10k+8): carve the front, back or middle of every
     # one, so the cuts land at index 0, the last index and inside blocks.
