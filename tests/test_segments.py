@@ -219,7 +219,9 @@ def test_segments_overlapping() -> None:
     assert list(s.segments(49, 50)) == ABC[2:]
     assert list(s.segments(50, 60)) == []
     assert list(s.segments(20, 20)) == []
+    assert list(s.segments(25, 25)) == []  # empty, inside a segment
     assert list(s.segments(25, 15)) == []
+    assert list(s.segments(25, 22)) == []  # ill-formed, ending inside it
 
 
 def test_gaps_of_covered_and_uncovered_ranges() -> None:
@@ -356,7 +358,7 @@ def test_first_fit_respects_max_key_in_every_path() -> None:
 
 @pytest.mark.parametrize("length", [0, -1])
 def test_first_fit_rejects_bad_lengths(length: int) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"length must be > 0, got {length}"):
         build(ABC).first_fit(length)
 
 
