@@ -610,6 +610,14 @@ def test_add_rejects_empty_or_out_of_bounds_ranges(start: int, end: int) -> None
     assert list(s) == [(10, 20, "a")]
 
 
+def test_range_errors_say_what_is_wrong() -> None:
+    s: SegmentSet[int] = SegmentSet(min_key=0x10, max_key=0x100)
+    with pytest.raises(ValueError, match=r"empty or ill-formed range \[0x20, 0x20\)"):
+        s.add(0x20, 0x20, 1)
+    with pytest.raises(ValueError, match=r"range \[0xf0, 0x110\) outside \[0x10, 0x100\]"):
+        s.insert_without_merging(0xF0, 0x110, 1)
+
+
 def test_add_at_the_key_bounds() -> None:
     s: SegmentSet[int] = SegmentSet(min_key=10, max_key=20)
     assert s.add(10, 12, 1)
