@@ -532,9 +532,17 @@ def test_a_scan_older_than_the_punch_log_is_refused() -> None:
     snap = b.page_map()
     assert not b.apply_scan(plan.seq, [(s, e)])
     assert b.page_map() == snap
-    # A scan planned after the punches the log dropped is taken.
+    # A scan planned after the punches the log dropped is taken, even with
+    # a punch since (elsewhere) and one more entry dropped.
     fresh = b.plan_scan(committed_now=P)
-    assert fresh is not None and b.apply_scan(fresh.seq, [(s, e)])
+    assert fresh is not None
+    b.dec_ref(t, u)
+    batch = b.take_release_batch(1 << 30, 4096, runs_only=False)
+    assert batch is not None
+    batch.performed = True
+    b.finish_release(batch)
+    assert b.commit_seq == fresh.seq + 1
+    assert b.apply_scan(fresh.seq, [(s, e)])
     assert b.accounting().anonymous == 2 * P
     b.check()
 
