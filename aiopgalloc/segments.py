@@ -782,8 +782,7 @@ class SegmentSet(Generic[V]):
             self._bmax.append(g0)
             self._tree = None
         else:
-            nblocks = len(starts)
-            if b == nblocks:  # append after the last block
+            if b == len(starts):  # append after the last block
                 b -= 1
                 i = len(starts[b])
             sb = starts[b]
@@ -810,18 +809,15 @@ class SegmentSet(Generic[V]):
                 self._bmax[b] = g
                 self._tree_set(b, g)
             # The follower's gap shrinks: it may have been its block's largest.
+            # The follower is in this block, if any: the position past a
+            # block's end is the next block's first, (b + 1, 0), so only an
+            # append after the very last segment has no follower.
             n = len(sb)
             if i + 1 < n:
                 old = gb[i + 1]
                 gb[i + 1] = g = sb[i + 1] - e
                 cb[i + 1] = self._cap(g)
                 self._gap_shrank(b, old)
-            elif b + 1 < nblocks:
-                gn = self._gaps[b + 1]
-                old = gn[0]
-                gn[0] = g = starts[b + 1][0] - e
-                self._caps[b + 1][0] = self._cap(g)
-                self._gap_shrank(b + 1, old)
             if n > 2 * _LOAD:
                 self._split_block(b)
         self._len += 1

@@ -86,6 +86,7 @@ def test_empty_set() -> None:
     assert list(s.gaps(5, 5)) == []
     assert repr(s) == "<SegmentSet 0 segments, 0x0 bytes>"
     assert s.is_maximally_merged()
+    assert s.largest_gap() == 0
     s.check()
 
 
@@ -218,7 +219,9 @@ def test_segments_overlapping() -> None:
     assert list(s.segments(49, 50)) == ABC[2:]
     assert list(s.segments(50, 60)) == []
     assert list(s.segments(20, 20)) == []
+    assert list(s.segments(25, 25)) == []  # empty, inside a segment
     assert list(s.segments(25, 15)) == []
+    assert list(s.segments(25, 22)) == []  # ill-formed, ending inside it
 
 
 def test_gaps_of_covered_and_uncovered_ranges() -> None:
@@ -241,6 +244,17 @@ def test_gap_queries_across_many_blocks(load: int) -> None:
     assert list(s.gaps(600, 603)) == []
     for k in range(0, 199, 7):
         assert next(s.gaps(6 * k)) == (6 * k + 3, 6 * k + 6)
+
+
+def test_largest_gap(load: int) -> None:
+    s = fragmented(300, unit=2)  # segment k = [4k, 4k + 2): every gap 2
+    assert s.largest_gap() == 2
+    assert s.remove(600) == 150  # the gap [598, 604)
+    assert s.largest_gap() == 6
+    assert s.add(600, 602, "back")
+    assert s.largest_gap() == 2
+    # The gap from min_key counts; the one after the last segment does not.
+    assert build([(10, 20, 1)], max_key=1000).largest_gap() == 10
 
 
 # ---------------------------------------------------------------- first fit
@@ -344,7 +358,7 @@ def test_first_fit_respects_max_key_in_every_path() -> None:
 
 @pytest.mark.parametrize("length", [0, -1])
 def test_first_fit_rejects_bad_lengths(length: int) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"length must be > 0, got {length}"):
         build(ABC).first_fit(length)
 
 
@@ -387,6 +401,20 @@ def test_first_fit_many_blocks_finds_the_one_big_gap(load: int) -> None:
                 assert s.first_fit(length, key, alignment) == brute_first_fit(
                     s, length, key, alignment
                 ), (length, key, alignment)
+
+
+def test_first_fit_from_every_key_at_every_block_count(small_load: int) -> None:
+    # The tree over the blocks is a full binary tree only when the block
+    # count is a power of two; first fit must walk it right either way.
+    s: SegmentSet[Any] = SegmentSet()
+    seen = set()
+    for k in range(48):
+        assert s.insert_without_merging(2 * k, 2 * k + 1, k)
+        seen.add(nblocks(s))
+        for key in range(0, 2 * k + 4, 3):
+            assert s.first_fit(2, key) == (2 * k + 1 if key <= 2 * k + 1 else key)
+            assert s.first_fit(1, key) == brute_first_fit(s, 1, key, 1)
+    assert {1, 2, 4, 8}.issubset(seen)
 
 
 def test_first_fit_tracks_gap_changes(load: int) -> None:
@@ -580,6 +608,14 @@ def test_add_rejects_empty_or_out_of_bounds_ranges(start: int, end: int) -> None
             op(start, end, "a")
     s.check()
     assert list(s) == [(10, 20, "a")]
+
+
+def test_range_errors_say_what_is_wrong() -> None:
+    s: SegmentSet[int] = SegmentSet(min_key=0x10, max_key=0x100)
+    with pytest.raises(ValueError, match=r"empty or ill-formed range \[0x20, 0x20\)"):
+        s.add(0x20, 0x20, 1)
+    with pytest.raises(ValueError, match=r"range \[0xf0, 0x110\) outside \[0x10, 0x100\]"):
+        s.insert_without_merging(0xF0, 0x110, 1)
 
 
 def test_add_at_the_key_bounds() -> None:
@@ -783,6 +819,14 @@ def test_carve_if_carves_only_what_the_predicate_accepts(load: int) -> None:
     s.check()
     with pytest.raises(ValueError):
         s.carve_if(15, 15, lambda v: True)
+
+
+def test_carve_and_carve_if_up_to_max_key() -> None:
+    s = build([(80, 90, "a"), (90, 100, "b")], max_key=100)
+    assert s.carve_if(95, 100, lambda v: True) == "b"
+    assert s.carve(85, 90) == "a"
+    s.check()
+    assert list(s) == [(80, 85, "a"), (90, 95, "b")]
 
 
 def test_carve_at_block_boundaries(small_load: int) -> None:
@@ -1049,6 +1093,13 @@ def test_merge_adjacent_merges_the_segment_holding_start_with_its_predecessor() 
     assert list(s) == [(0, 30, "a"), (30, 40, "b")]
 
 
+def test_merge_adjacent_of_an_empty_range_merges_start_only() -> None:
+    s = build([(0, 10, "a"), (10, 20, "a"), (20, 30, "a")])
+    s.merge_adjacent(20, 20)  # no end - 1 to look at: [20, 30) joins its predecessor
+    s.check()
+    assert list(s) == [(0, 10, "a"), (10, 30, "a")]
+
+
 # ------------------------------------------------------------ merge_range
 
 
@@ -1263,6 +1314,31 @@ def _corruptions() -> Iterator[tuple[str, Callable[[SegmentSet[object]], None]]]
     def past_max(s: SegmentSet[object]) -> None:
         s.max_key = 5
 
+    def byte_map(s: SegmentSet[object]) -> None:
+        s._caps[1][0] += 1
+
+    def values(s: SegmentSet[object]) -> None:
+        s._vals[0].append(None)
+
+    def empty_block(s: SegmentSet[object]) -> None:
+        for ints in (s._starts, s._ends, s._gaps):
+            ints.append([])
+        s._vals.append([])
+        s._caps.append(bytearray())
+        s._firsts.append(s._firsts[-1])
+        s._bmax.append(0)
+
+    def big_block(s: SegmentSet[object]) -> None:
+        segmod._LOAD = 1  # the blocks built for 2 now exceed 2 * _LOAD
+
+    def small_block(s: SegmentSet[object]) -> None:
+        segmod._LOAD = 64  # several blocks, each under _LOAD // 2
+
+    def tree_shape(s: SegmentSet[object]) -> None:
+        s.first_fit(5)
+        assert s._tree is not None
+        s._tree.append(0)
+
     yield from [
         ("gap", gap),
         ("overlap", overlap),
@@ -1274,6 +1350,12 @@ def _corruptions() -> Iterator[tuple[str, Callable[[SegmentSet[object]], None]]]
         ("tree", tree),
         ("tree-leaf", tree_leaf),
         ("past-max", past_max),
+        ("byte-map", byte_map),
+        ("values", values),
+        ("empty-block", empty_block),
+        ("big-block", big_block),
+        ("small-block", small_block),
+        ("tree-shape", tree_shape),
     ]
 
 

@@ -12,7 +12,8 @@ The block size ``_LOAD`` is patched down (1 to 8) for each run so block
 splits, joins and rebuilds of the gap tree happen constantly.
 
 One run executes at least ``MIN_STEPS`` rule steps (asserted, and printed);
-``AIOPGALLOC_FUZZ=long`` runs twenty times as many examples.
+``AIOPGALLOC_FUZZ=long`` runs twenty times as many examples, ``=short`` a
+tenth (for mutation runs).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 from collections.abc import Callable
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -35,14 +36,15 @@ from hypothesis.stateful import (
 from aiopgalloc import segments as segmod
 from aiopgalloc.segments import SegmentSet
 
-LONG = os.environ.get("AIOPGALLOC_FUZZ", "").lower() == "long"
-MAX_EXAMPLES = 3000 if LONG else 150
+PROFILE = os.environ.get("AIOPGALLOC_FUZZ", "").lower()
+LONG, SHORT = PROFILE == "long", PROFILE == "short"
+MAX_EXAMPLES = 3000 if LONG else 15 if SHORT else 150
 STEP_COUNT = 60
 # Nominally MAX_EXAMPLES * (STEP_COUNT - 1) rule steps (the initialize rule is
 # not counted).  Hypothesis also tries some short runs (its first example is
 # the simplest one) and stops a run early when its buffer is nearly full, so
 # the count actually executed is measured and must reach MIN_STEPS.
-MIN_STEPS = 120_000 if LONG else 6_000
+MIN_STEPS = 120_000 if LONG else 600 if SHORT else 6_000
 
 SETTINGS = settings(
     max_examples=MAX_EXAMPLES,
@@ -52,6 +54,8 @@ SETTINGS = settings(
     database=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
+    # A mutation run wants a verdict, not the smallest failing example.
+    phases=[p for p in Phase if p != Phase.shrink] if SHORT else list(Phase),
 )
 
 STATS = {"examples": 0, "steps": 0}
@@ -594,7 +598,7 @@ def test_segment_set_matches_model(capsys: pytest.CaptureFixture[str]) -> None:
     with capsys.disabled():
         print(
             f"\n[segments model] {STATS['examples']} runs, {STATS['steps']} rule steps"
-            f" (profile {'long' if LONG else 'default'})"
+            f" (profile {PROFILE or 'default'})"
         )
     assert STATS["steps"] >= MIN_STEPS, STATS
 
