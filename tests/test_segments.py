@@ -97,7 +97,7 @@ def test_default_and_custom_key_bounds() -> None:
     assert (t.min_key, t.max_key) == (10, 100)
     u: SegmentSet[int] = SegmentSet(min_key=5, max_key=5)  # empty key space is allowed
     assert u.first_fit(1) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="min_key must not exceed max_key"):
         SegmentSet(min_key=11, max_key=10)
 
 
@@ -1329,10 +1329,13 @@ def _corruptions() -> Iterator[tuple[str, Callable[[SegmentSet[object]], None]]]
         s._bmax.append(0)
 
     def big_block(s: SegmentSet[object]) -> None:
-        segmod._LOAD = 1  # the blocks built for 2 now exceed 2 * _LOAD
+        last = s.last()
+        assert last is not None and len(s._starts[-1]) == 4
+        s.remove(last[0])  # the largest block now holds 3
+        segmod._LOAD = 1  # built for 2: now over 2 * _LOAD
 
     def small_block(s: SegmentSet[object]) -> None:
-        segmod._LOAD = 64  # several blocks, each under _LOAD // 2
+        segmod._LOAD = 6  # built for 2: blocks of 2, under _LOAD // 2
 
     def tree_shape(s: SegmentSet[object]) -> None:
         s.first_fit(5)
