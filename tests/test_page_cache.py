@@ -59,9 +59,22 @@ def value(key: int, length: int = 100, version: int = 0) -> bytes:
 
 
 def is_of(key: int, data: bytes) -> bool:
-    """Whether ``data`` is a value of ``key`` (any version)."""
+    """Whether ``data`` is a value of ``key`` (any version): exactly what
+    ``value(key, len(data), version)`` gives for some version, including a
+    short value cut inside its first stamp (``b"134:179"`` of version
+    17962)."""
     head = f"{key}:".encode()
-    return data[: len(head)] == head[: len(data)] and (len(data) < len(head) or b";" in data)
+    if len(data) <= len(head):
+        return head.startswith(data)
+    if not data.startswith(head):
+        return False
+    version, sep, _ = data[len(head) :].partition(b";")
+    if not version.isdigit():
+        return False
+    if not sep:
+        return True  # cut before the first ';'
+    stamp = head + version + b";"
+    return data == (stamp * (len(data) // len(stamp) + 1))[: len(data)]
 
 
 def snapshot(mf: MemoryFile, cache: PageCache) -> tuple[State, PageCacheStats]:
